@@ -1,0 +1,1 @@
+//! The event loops and the connection driver.

@@ -1,0 +1,1 @@
+//! NBD wire format: constants and a pure codec.

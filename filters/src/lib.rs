@@ -1,0 +1,1 @@
+//! blocksmith filters.
