@@ -83,13 +83,25 @@ pub struct Request {
 #[derive(Debug)]
 pub enum Op {
     /// Fill `buf` (allocated by the connection from the budget; its length is the count).
-    Read { buf: Vec<u8> },
-    Write { data: Vec<u8> },
+    Read {
+        buf: Vec<u8>,
+    },
+    Write {
+        data: Vec<u8>,
+    },
     Flush,
-    Trim { count: u64 },
-    Zero { count: u64 },
-    BlockStatus { count: u64 },
-    Cache { count: u64 },
+    Trim {
+        count: u64,
+    },
+    Zero {
+        count: u64,
+    },
+    BlockStatus {
+        count: u64,
+    },
+    Cache {
+        count: u64,
+    },
 }
 
 /// A completed request's result, handed back with [`Conn::handle_result`].

@@ -47,7 +47,10 @@ impl<T> Done<T> {
         self.call(Err(e.into()))
     }
     /// Wrap: run `f` on the result before handing it on.
-    pub fn map<U: 'static>(self, f: impl FnOnce(Result<U, NbdError>) -> Result<T, NbdError> + 'static) -> Done<U>
+    pub fn map<U: 'static>(
+        self,
+        f: impl FnOnce(Result<U, NbdError>) -> Result<T, NbdError> + 'static,
+    ) -> Done<U>
     where
         T: 'static,
     {

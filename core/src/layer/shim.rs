@@ -235,6 +235,9 @@ fn clip_extents(e: Extents, count: u64, limit: u64, req_one: bool) -> Extents {
             break;
         }
         let len = x.length.min(limit - covered);
+        if len == 0 {
+            continue;
+        }
         out.push(len, x.flags);
         covered += len;
         if req_one {
@@ -354,7 +357,10 @@ mod tests {
         let r = ram(8192);
         let s = Shim::new(r.clone(), false);
         assert_eq!(result(|d| s.pread(vec![0; 10], 8190, Flags::NONE, d)).unwrap_err().errno, Errno::Inval);
-        assert_eq!(result(|d| s.pread(vec![0; 1], u64::MAX, Flags::NONE, d)).unwrap_err().errno, Errno::Inval);
+        assert_eq!(
+            result(|d| s.pread(vec![0; 1], u64::MAX, Flags::NONE, d)).unwrap_err().errno,
+            Errno::Inval
+        );
         assert_eq!(result(|d| s.pwrite(vec![0; 10], 8190, Flags::NONE, d)).unwrap_err().errno, Errno::NoSpc);
         assert_eq!(result(|d| s.zero(10, 8190, Flags::NONE, d)).unwrap_err().errno, Errno::NoSpc);
         assert_eq!(result(|d| s.trim(1, 0, Flags::NONE, d)).unwrap_err().errno, Errno::Inval);

@@ -18,7 +18,10 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub fn new(backend: (String, Arc<dyn BackendFactory>), filters: Vec<(String, Arc<dyn FilterFactory>)>) -> Self {
+    pub fn new(
+        backend: (String, Arc<dyn BackendFactory>),
+        filters: Vec<(String, Arc<dyn FilterFactory>)>,
+    ) -> Self {
         Stack { filters, backend }
     }
 
