@@ -1,1 +1,335 @@
-fn main() {}
+//! The `blocksmith` binary: parse nbdkit's command line, build the layer stack, open the
+//! listeners, and hand them to the event loops.
+
+mod cli;
+mod logger;
+mod uri;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use blocksmith_core::conn::ConnConfig;
+use blocksmith_core::io::process::{self, Forked};
+use blocksmith_core::io::server::{self, Listener, ServerConfig, Shutdown};
+use blocksmith_core::layer::{BackendSpec, FilterSpec, Stack};
+use blocksmith_core::{limits, ConfigError};
+
+use cli::Options;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = match cli::parse(&args) {
+        Ok(o) => o,
+        Err(e) => return fail(&e.to_string()),
+    };
+    logger::init(opts.verbose);
+    match run(opts) {
+        Ok(code) => code,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("blocksmith: error: {msg}");
+    ExitCode::from(1)
+}
+
+fn backend_spec(name: &str) -> Result<&'static BackendSpec, String> {
+    blocksmith_backends::registry().iter().find(|b| b.name == name).ok_or_else(|| {
+        let all: Vec<_> = blocksmith_backends::registry().iter().map(|b| b.name).collect();
+        format!("unknown backend '{name}' (available: {})", all.join(", "))
+    })
+}
+
+fn filter_spec(name: &str) -> Result<&'static FilterSpec, String> {
+    blocksmith_filters::registry().iter().find(|f| f.name == name).ok_or_else(|| {
+        let all: Vec<_> = blocksmith_filters::registry().iter().map(|f| f.name).collect();
+        format!("unknown filter '{name}' (available: {})", all.join(", "))
+    })
+}
+
+fn print_help(opts: &Options) -> Result<(), String> {
+    match &opts.backend {
+        None => {
+            print!("{}", cli::USAGE);
+            println!("\nBackends:");
+            for b in blocksmith_backends::registry() {
+                println!("  {:<14} {}", b.name, b.summary);
+            }
+            println!("\nFilters:");
+            for f in blocksmith_filters::registry() {
+                println!("  {:<14} {}", f.name, f.summary);
+            }
+        }
+        Some(b) => {
+            for f in &opts.filters {
+                println!("{}", filter_spec(f)?.help());
+            }
+            print!("{}", backend_spec(b)?.help());
+        }
+    }
+    Ok(())
+}
+
+/// Build the layer stack from the command line, as nbdkit does: each filter, nearest the client
+/// first, takes its own keys; the backend gets what is left and must take all of it.
+fn build_stack(opts: &Options, backend_name: &str) -> Result<Stack, ConfigError> {
+    let spec = backend_spec(backend_name).map_err(ConfigError)?;
+    let mut params = cli::params(opts, spec.magic, backend_name)?;
+    let mut filters = Vec::new();
+    for name in &opts.filters {
+        let f = filter_spec(name).map_err(ConfigError)?;
+        filters.push((name.clone(), (f.make)(&mut params)?));
+    }
+    let backend = (spec.make)(&mut params)?;
+    params.finish(backend_name)?;
+    Ok(Stack::new((backend_name.to_string(), backend), filters))
+}
+
+/// Where we listen, and the URI that reaches it.
+struct Endpoint {
+    listeners: Vec<Listener>,
+    uri: String,
+    port: Option<u16>,
+    unix: Option<PathBuf>,
+    /// A private socket directory to remove on exit (`-U -`).
+    cleanup_dir: Option<PathBuf>,
+}
+
+fn listen(opts: &Options) -> Result<Endpoint, String> {
+    let export = opts.exportname.clone().unwrap_or_default();
+    let unix = match opts.unix.as_deref() {
+        Some(u) => Some(u.to_string()),
+        // Captive mode with no address given uses a private socket, as nbdkit >= 1.36 does.
+        None if opts.run.is_some() && opts.port.is_none() && opts.ipaddr.is_none() => Some("-".to_string()),
+        None => None,
+    };
+    if let Some(u) = unix {
+        let (path, cleanup_dir) = if u == "-" {
+            let dir = private_dir().map_err(|e| format!("cannot create a socket directory: {e}"))?;
+            (dir.join("socket"), Some(dir))
+        } else {
+            (PathBuf::from(u), None)
+        };
+        let l = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        let uri = uri::unix(&export, &path);
+        return Ok(Endpoint {
+            listeners: vec![Listener::Unix(l)],
+            uri,
+            port: None,
+            unix: Some(path),
+            cleanup_dir,
+        });
+    }
+    let port: u16 = match &opts.port {
+        None => 10809,
+        Some(p) => p.parse().map_err(|_| format!("bad port '{p}'"))?,
+    };
+    let mut addrs: Vec<SocketAddr> = match &opts.ipaddr {
+        Some(host) => (host.as_str(), port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve '{host}': {e}"))?
+            .collect(),
+        None => {
+            let mut v = Vec::new();
+            if !opts.ipv4_only {
+                v.push(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)));
+            }
+            if !opts.ipv6_only {
+                v.push(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)));
+            }
+            v
+        }
+    };
+    addrs.retain(|a| !(opts.ipv4_only && a.is_ipv6() || opts.ipv6_only && a.is_ipv4()));
+    let mut listeners = Vec::new();
+    let mut errors = Vec::new();
+    for a in &addrs {
+        match tcp_listener(*a, opts.ipaddr.is_none()) {
+            Ok(l) => listeners.push(Listener::Tcp(l)),
+            Err(e) => errors.push(format!("{a}: {e}")),
+        }
+    }
+    if listeners.is_empty() {
+        return Err(format!("cannot listen on port {port}: {}", errors.join("; ")));
+    }
+    let host = opts.ipaddr.clone().unwrap_or_else(|| "localhost".to_string());
+    let uri = uri::tcp(&export, &host, port);
+    Ok(Endpoint { listeners, uri, port: Some(port), unix: None, cleanup_dir: None })
+}
+
+fn tcp_listener(addr: SocketAddr, wildcard: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() && wildcard {
+        // With both wildcards bound, keep them apart: [::] serves IPv6, 0.0.0.0 serves IPv4.
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(limits::LISTEN_BACKLOG)?;
+    Ok(s.into())
+}
+
+fn private_dir() -> std::io::Result<PathBuf> {
+    let base = std::env::temp_dir();
+    let stamp =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    for i in 0..100u32 {
+        let dir = base.join(format!("blocksmith-{}-{stamp:x}-{i}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free temporary directory name"))
+}
+
+fn run(opts: Options) -> Result<ExitCode, String> {
+    if opts.version {
+        println!("blocksmith {}", env!("CARGO_PKG_VERSION"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if opts.help {
+        print_help(&opts)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(backend_name) = opts.backend.clone() else {
+        return Err("no backend given (try 'blocksmith --help')".to_string());
+    };
+    let stack = build_stack(&opts, &backend_name).map_err(|e| e.to_string())?;
+
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut conn = ConnConfig { oldstyle: opts.oldstyle, ..ConnConfig::default() };
+    if let Some(t) = opts.timeout {
+        conn.handshake_timeout = if t.is_zero() { None } else { Some(t) };
+    }
+    conn.structured_replies = !opts.no_sr;
+    conn.meta_contexts = !opts.no_mc;
+    if let Some(m) = opts.mask_handshake {
+        conn.handshake_flags &= m;
+    }
+    if let Some(m) = opts.max_request {
+        conn.max_request = m;
+    }
+    let memory_limit = opts.memory_limit.unwrap_or(limits::DEFAULT_MEMORY_LIMIT);
+    if memory_limit < 2 * conn.max_request as usize {
+        return Err(format!(
+            "--memory-limit must be at least twice the largest request ({} bytes)",
+            2 * conn.max_request as usize
+        ));
+    }
+    let cfg = ServerConfig {
+        conn,
+        loops: opts.threads.unwrap_or(cores),
+        io_threads: opts.io_threads.unwrap_or(limits::DEFAULT_IO_THREADS),
+        memory_limit,
+        readonly: opts.readonly,
+    };
+    log::debug!(
+        "{} event loop(s), {} blocking IO thread(s), memory limit {} bytes",
+        cfg.loops,
+        cfg.io_threads,
+        memory_limit
+    );
+
+    if opts.exit_with_parent {
+        process::exit_with_parent().map_err(|e| format!("--exit-with-parent: {e}"))?;
+    }
+    let shutdown = Arc::new(Shutdown::default());
+
+    if opts.single {
+        start_signal_thread(shutdown.clone())?;
+        server::serve_stdio(cfg, stack, shutdown).map_err(|e| e.to_string())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let ep = listen(&opts)?;
+    if opts.print_uri {
+        println!("{}", ep.uri);
+    }
+    let foreground = opts.foreground || opts.run.is_some() || opts.exit_with_parent;
+    if !foreground {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        match process::daemonize().map_err(|e| format!("cannot fork: {e}"))? {
+            Forked::Parent(_) => return Ok(ExitCode::SUCCESS),
+            Forked::Child => {}
+        }
+    }
+    if let Some(p) = &opts.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot write pidfile {p}: {e}"))?;
+    }
+    start_signal_thread(shutdown.clone())?;
+
+    let Endpoint { listeners, uri, port, unix, cleanup_dir } = ep;
+    let server_shutdown = shutdown.clone();
+    let server = std::thread::Builder::new()
+        .name("blocksmith-main".into())
+        .spawn(move || server::serve(cfg, stack, listeners, server_shutdown))
+        .map_err(|e| e.to_string())?;
+
+    let mut code = ExitCode::SUCCESS;
+    if let Some(cmd) = &opts.run {
+        code = run_captive(cmd, &uri, port, unix.as_deref(), opts.exportname.as_deref().unwrap_or(""));
+        shutdown.trigger();
+    }
+    let served = server.join();
+    if let Some(d) = cleanup_dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    match served {
+        Ok(Ok(())) => Ok(code),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("server thread panicked".to_string()),
+    }
+}
+
+/// `--run`: run the command with the connection details in its environment; its exit status
+/// becomes ours (128 + signal if it was killed, as a shell reports it).
+fn run_captive(
+    cmd: &str,
+    uri: &str,
+    port: Option<u16>,
+    unix: Option<&std::path::Path>,
+    export: &str,
+) -> ExitCode {
+    let mut c = std::process::Command::new("/bin/sh");
+    c.arg("-c").arg(cmd);
+    c.env("uri", uri).env("nbd", uri).env("exportname", export).env("tls", "0");
+    c.env("port", port.map(|p| p.to_string()).unwrap_or_default());
+    c.env("unixsocket", unix.map(|p| p.display().to_string()).unwrap_or_default());
+    match c.status() {
+        Ok(st) => {
+            use std::os::unix::process::ExitStatusExt;
+            let n = st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0));
+            ExitCode::from(n.clamp(0, 255) as u8)
+        }
+        Err(e) => {
+            log::error!("--run: cannot run /bin/sh: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// One thread for the whole process turns SIGINT/SIGTERM/SIGQUIT/SIGHUP into a clean shutdown.
+fn start_signal_thread(shutdown: Arc<Shutdown>) -> Result<(), String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGQUIT, SIGHUP]).map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("blocksmith-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::debug!("signal {sig}: shutting down");
+                shutdown.trigger();
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,1 +1,56 @@
-//! blocksmith backends.
+//! blocksmith backends: the plugins at the bottom of a layer stack, one module each.
+//!
+//! Every module exports a `SPEC` ([`BackendSpec`]): its name, `--help` text, magic key and
+//! constructor. The constructor takes its own keys from `Params`, calls `params.finish(name)`
+//! so an unknown key is an error, and opens whatever must exist (a file, a shared RAM store) at
+//! configuration time so mistakes show at start-up rather than at the first connection.
+//!
+//! Adding a backend = adding a module and a row in [`REGISTRY`].
+
+use blocksmith_core::layer::BackendSpec;
+
+pub mod file;
+pub mod full;
+pub mod memory;
+pub mod null;
+pub mod ones;
+pub mod pattern;
+pub mod zero;
+
+mod util;
+
+#[cfg(test)]
+mod testutil;
+
+/// Every backend this crate provides, in `--help` listing order.
+static REGISTRY: &[BackendSpec] =
+    &[file::SPEC, full::SPEC, memory::SPEC, null::SPEC, ones::SPEC, pattern::SPEC, zero::SPEC];
+
+/// The backend table the binary looks names up in.
+pub fn registry() -> &'static [BackendSpec] {
+    REGISTRY
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_documented() {
+        let mut names: Vec<_> = registry().iter().map(|b| b.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), registry().len());
+        for b in registry() {
+            assert!(!b.summary.is_empty(), "{} has no summary", b.name);
+            for p in b.params {
+                assert!(!p.help.is_empty(), "{}: {} has no help", b.name, p.name);
+            }
+            // The magic key must be one of the documented parameters.
+            if let Some(m) = b.magic {
+                assert!(b.params.iter().any(|p| p.name == m), "{}: magic {m} undocumented", b.name);
+            }
+            assert!(b.help().contains(b.name));
+        }
+    }
+}

@@ -54,3 +54,7 @@ pub const DEFAULT_IO_THREADS: usize = 8;
 
 /// Jobs queued for the blocking pool before submitters must wait for completions.
 pub const MAX_BLOCKING_QUEUE: usize = 4096;
+
+/// Listen backlog: large, so a herd of clients connecting at once is queued by the kernel rather
+/// than dropped into SYN retransmits.
+pub const LISTEN_BACKLOG: i32 = 4096;

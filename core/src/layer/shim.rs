@@ -81,13 +81,21 @@ fn effective_info(below: &ExportInfo, force_readonly: bool) -> ExportInfo {
         i.can_fast_zero = false;
         i.fua = Support::None;
     }
-    if i.fua == Support::Emulate && !below.can_flush {
-        i.fua = Support::None;
-    }
-    // A zero that is emulated is never fast: advertise FAST_ZERO anyway and fail it with ENOTSUP,
-    // as nbdkit does, so clients like qemu-img learn quickly that zeroing is not cheap.
+    // What this shim emulates, the layer above may call as if it were native: it must not
+    // emulate it again (a zero would otherwise reach a filter above as a stream of writes).
+    i.fua = match i.fua {
+        Support::Emulate if below.can_flush => Support::Native,
+        Support::Emulate => Support::None,
+        other => other,
+    };
     if i.zero != Support::None {
+        i.zero = Support::Native;
+        // A zero that is emulated is never fast: advertise FAST_ZERO anyway and fail it with
+        // ENOTSUP, as nbdkit does, so clients like qemu-img learn quickly that zeroing is slow.
         i.can_fast_zero = true;
+    }
+    if i.cache == Support::Emulate {
+        i.cache = Support::Native;
     }
     i
 }

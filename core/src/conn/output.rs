@@ -1,0 +1,145 @@
+//! The output queue: reply bytes waiting for the socket, kept as segments so headers and
+//! payload buffers go out in one vectored write without copying the payload.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+
+use crate::budget::Budget;
+
+/// Small header bytes are appended to the last owned segment up to this size, so a burst of
+/// small replies needs few iovecs.
+const COALESCE_LIMIT: usize = 64 * 1024;
+
+enum Buf {
+    /// Bytes owned by the queue: headers, option replies, or a whole READ buffer.
+    Own(Vec<u8>),
+    /// Part of a READ buffer split into several data chunks around holes.
+    Shared(Arc<Vec<u8>>),
+}
+
+struct Segment {
+    buf: Buf,
+    /// Unwritten range of `buf`.
+    start: usize,
+    end: usize,
+    /// Budget bytes to release once this segment (and so every reply queued before it) has
+    /// been written.
+    release: usize,
+    /// Made by `with_tail` for small encoded bytes; payload buffers are never appended to.
+    appendable: bool,
+}
+
+impl Segment {
+    fn bytes(&self) -> &[u8] {
+        match &self.buf {
+            Buf::Own(v) => &v[self.start..self.end],
+            Buf::Shared(a) => &a[self.start..self.end],
+        }
+    }
+}
+
+#[derive(Default)]
+pub(super) struct OutQueue {
+    segs: VecDeque<Segment>,
+    bytes: usize,
+}
+
+impl OutQueue {
+    /// Unwritten bytes queued.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Append encoded bytes with `f`, reusing the last owned segment when it is still small and
+    /// carries no release marker (appending after a marker would delay that release).
+    pub(super) fn with_tail(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
+        let reuse = matches!(
+            self.segs.back(),
+            Some(Segment { buf: Buf::Own(v), release: 0, appendable: true, .. }) if v.len() < COALESCE_LIMIT
+        );
+        if !reuse {
+            let buf = Buf::Own(Vec::new());
+            self.segs.push_back(Segment { buf, start: 0, end: 0, release: 0, appendable: true });
+        }
+        if let Some(Segment { buf: Buf::Own(v), end, .. }) = self.segs.back_mut() {
+            let before = v.len();
+            f(v);
+            let added = v.len() - before;
+            *end = v.len();
+            self.bytes += added;
+        }
+    }
+
+    /// Queue a whole buffer without copying it.
+    pub(super) fn push_vec(&mut self, v: Vec<u8>) {
+        if v.is_empty() {
+            return;
+        }
+        self.bytes += v.len();
+        let end = v.len();
+        self.segs.push_back(Segment { buf: Buf::Own(v), start: 0, end, release: 0, appendable: false });
+    }
+
+    /// Queue `a[start..end]` without copying it.
+    pub(super) fn push_shared(&mut self, a: &Arc<Vec<u8>>, start: usize, end: usize) {
+        debug_assert!(start <= end && end <= a.len());
+        if start == end {
+            return;
+        }
+        self.bytes += end - start;
+        let buf = Buf::Shared(a.clone());
+        self.segs.push_back(Segment { buf, start, end, release: 0, appendable: false });
+    }
+
+    /// Release `n` budget bytes once everything queued so far has been written.
+    pub(super) fn mark_release(&mut self, n: usize, budget: &Budget) {
+        if n == 0 {
+            return;
+        }
+        match self.segs.back_mut() {
+            Some(s) => s.release += n,
+            None => budget.release(n),
+        }
+    }
+
+    pub(super) fn fill<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
+        let mut i = 0;
+        for s in &self.segs {
+            if i == iov.len() {
+                break;
+            }
+            if s.start < s.end {
+                iov[i] = IoSlice::new(s.bytes());
+                i += 1;
+            }
+        }
+        i
+    }
+
+    /// `n` bytes were written: drop finished segments and release their budget.
+    pub(super) fn consume(&mut self, mut n: usize, budget: &Budget) {
+        debug_assert!(n <= self.bytes, "wrote {n} bytes but only {} were queued", self.bytes);
+        n = n.min(self.bytes);
+        self.bytes -= n;
+        while let Some(s) = self.segs.front_mut() {
+            let avail = s.end - s.start;
+            if n < avail {
+                s.start += n;
+                break;
+            }
+            n -= avail;
+            let release = s.release;
+            self.segs.pop_front();
+            budget.release(release);
+        }
+    }
+
+    /// Drop everything unwritten (abort, drop) and give its budget back.
+    pub(super) fn clear(&mut self, budget: &Budget) {
+        for s in self.segs.drain(..) {
+            budget.release(s.release);
+        }
+        self.bytes = 0;
+    }
+}

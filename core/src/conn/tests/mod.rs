@@ -1,0 +1,7 @@
+//! Unit tests driving `Conn` as a client and a driver would, without sockets.
+
+mod garbage;
+mod handshake;
+mod harness;
+mod transmission;
+mod units;

@@ -1,0 +1,86 @@
+//! Process plumbing: daemonizing, the parent-death signal, fd flags. The only `unsafe` in the
+//! core lives here, each block with the reason it is sound.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// Put an fd in nonblocking mode (works for sockets and pipes alike).
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl with F_GETFL/F_SETFL on an fd we own takes no pointers; a bad fd is reported
+    // as an error, not undefined behaviour.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether two fds refer to the same open file (stdin and stdout being one socket).
+pub fn same_file(a: RawFd, b: RawFd) -> bool {
+    fn stat(fd: RawFd) -> Option<(u64, u64)> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat writes a full `struct stat` into the buffer we pass on success, and we
+        // only read it when it returned 0.
+        let r = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
+        if r != 0 {
+            return None;
+        }
+        // SAFETY: fstat succeeded, so the struct is initialised.
+        let st = unsafe { st.assume_init() };
+        Some((st.st_dev, st.st_ino))
+    }
+    matches!((stat(a), stat(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// The outcome of [`daemonize`] in the calling process.
+pub enum Forked {
+    /// We are the original process; the child (this pid) serves.
+    Parent(i32),
+    /// We are the detached child.
+    Child,
+}
+
+/// Fork into the background as nbdkit does: the parent returns `Parent`, the child starts a new
+/// session and points stdin/stdout at /dev/null. Must be called before any thread is started.
+pub fn daemonize() -> io::Result<Forked> {
+    // SAFETY: the process is still single-threaded here (the caller guarantees it), so the child
+    // may run arbitrary code after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid > 0 {
+        return Ok(Forked::Parent(pid));
+    }
+    // SAFETY: setsid takes no arguments; failure is harmless (we are then a process-group leader
+    // already).
+    unsafe { libc::setsid() };
+    let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    use std::os::fd::AsRawFd;
+    for fd in [0, 1] {
+        // SAFETY: dup2 onto the standard fds with a valid source fd we hold open.
+        if unsafe { libc::dup2(devnull.as_raw_fd(), fd) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(Forked::Child)
+}
+
+/// `--exit-with-parent`: ask the kernel to send SIGTERM when the parent dies.
+pub fn exit_with_parent() -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes an integer signal number; no pointers are involved.
+    let r = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The parent may have died before the prctl took effect.
+    // SAFETY: getppid cannot fail.
+    if unsafe { libc::getppid() } == 1 {
+        return Err(io::Error::other("parent already exited"));
+    }
+    Ok(())
+}

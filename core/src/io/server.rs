@@ -1,0 +1,749 @@
+//! Listeners, event loops and the connection driver.
+//!
+//! Each loop is one thread with its own mio `Poll`, its own connections in a `slab`, and its own
+//! [`LoopCore`] scheduler. Every loop registers a duplicate of every listening socket and
+//! accepts from it; the kernel hands each new connection to one of them. A connection never
+//! moves between loops, so its layers are plain `Rc` values.
+//!
+//! Layer completions never re-enter the driver: they push onto the loop's completion queue,
+//! which the loop drains between steps. That keeps a synchronous completion (RAM) and a late one
+//! (a timer, the blocking pool) on the same path.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Poll, Token, Waker};
+use slab::Slab;
+
+use super::reactor::{BlockingPool, LoopCore};
+use super::transport::Transport;
+use crate::budget::Budget;
+use crate::conn::{Conn, ConnConfig, Event, Op, Outcome, Request, RequestId};
+use crate::error::NbdError;
+use crate::layer::{Done, Layer, OpenCx, Stack};
+use crate::sched::Sched;
+
+const WAKER: Token = Token(0);
+const FIRST_LISTENER: usize = 1;
+/// Connection tokens start here: `CONN_BASE + 2*key` (input) and `+1` (a separate output fd).
+const CONN_BASE: usize = 1 << 20;
+/// Reads per connection per service pass before others get a turn.
+const READS_PER_PASS: usize = 8;
+/// How long accepting pauses after EMFILE/ENFILE before it is tried again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How often a loop with budget-starved connections looks again (budget is server-wide, so it
+/// may be freed by another loop that cannot wake us).
+const BUDGET_RETRY: Duration = Duration::from_millis(5);
+/// How long a finished connection waits for the client to close before we close anyway.
+const LINGER: Duration = Duration::from_secs(2);
+/// How long a shutting-down server waits for in-flight requests before closing anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Server-wide settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub conn: ConnConfig,
+    /// Event loops (`--threads`).
+    pub loops: usize,
+    /// Threads for blocking IO (`--io-threads`).
+    pub io_threads: usize,
+    /// Payload budget (`--memory-limit`).
+    pub memory_limit: usize,
+    /// `-r`.
+    pub readonly: bool,
+}
+
+/// What to serve on.
+pub enum Listener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl Listener {
+    fn try_clone(&self) -> io::Result<Listener> {
+        Ok(match self {
+            Listener::Tcp(l) => Listener::Tcp(l.try_clone()?),
+            Listener::Unix(l) => Listener::Unix(l.try_clone()?),
+        })
+    }
+}
+
+enum LoopListener {
+    Tcp(mio::net::TcpListener),
+    Unix(mio::net::UnixListener),
+}
+
+/// Asks every loop to stop: they stop accepting, let in-flight requests finish (up to a grace
+/// period), then exit.
+#[derive(Default)]
+pub struct Shutdown {
+    flag: AtomicBool,
+    wakers: Mutex<Vec<Arc<Waker>>>,
+}
+
+impl Shutdown {
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Ok(w) = self.wakers.lock() {
+            for w in w.iter() {
+                let _ = w.wake();
+            }
+        }
+    }
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+    fn add(&self, w: Arc<Waker>) {
+        if let Ok(mut ws) = self.wakers.lock() {
+            ws.push(w);
+        }
+        // A trigger that raced with registration must still reach this loop.
+        if self.is_set() {
+            if let Some(w) = self.wakers.lock().ok().and_then(|ws| ws.last().cloned()) {
+                let _ = w.wake();
+            }
+        }
+    }
+}
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Serve `listeners` until `shutdown` is triggered. Blocks the calling thread; starts
+/// `cfg.loops` loop threads.
+pub fn serve(
+    cfg: ServerConfig,
+    stack: Stack,
+    listeners: Vec<Listener>,
+    shutdown: Arc<Shutdown>,
+) -> io::Result<()> {
+    let pool = BlockingPool::new(cfg.io_threads);
+    let budget = Budget::new(cfg.memory_limit);
+    let mut handles = Vec::new();
+    for i in 0..cfg.loops.max(1) {
+        let mine = listeners.iter().map(|l| l.try_clone()).collect::<io::Result<Vec<_>>>()?;
+        let (cfg, stack, shutdown, pool, budget) =
+            (cfg.clone(), stack.clone(), shutdown.clone(), pool.clone(), budget.clone());
+        let h =
+            thread::Builder::new().name(format!("blocksmith-loop{i}")).spawn(move || -> io::Result<()> {
+                let mut lp = Loop::new(cfg, stack, pool, budget, shutdown)?;
+                for l in mine {
+                    lp.add_listener(l)?;
+                }
+                lp.run(false)
+            })?;
+        handles.push(h);
+    }
+    drop(listeners);
+    let mut result = Ok(());
+    for h in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(_) => result = Err(io::Error::other("an event loop panicked")),
+        }
+    }
+    result
+}
+
+/// `-s`: serve exactly one connection on stdin/stdout, on the calling thread, then return.
+pub fn serve_stdio(cfg: ServerConfig, stack: Stack, shutdown: Arc<Shutdown>) -> io::Result<()> {
+    let pool = BlockingPool::new(cfg.io_threads);
+    let budget = Budget::new(cfg.memory_limit);
+    let mut lp = Loop::new(cfg, stack, pool, budget, shutdown)?;
+    let t = Transport::stdio()?;
+    lp.add_conn(t, "stdin".to_string())?;
+    lp.run(true)
+}
+
+enum Completion {
+    Request { key: usize, gen: u64, id: RequestId, result: Result<Outcome, NbdError> },
+    Open { key: usize, gen: u64, probe: bool, result: Result<Rc<dyn Layer>, NbdError> },
+}
+
+type Completions = Rc<RefCell<Vec<Completion>>>;
+
+struct Slot {
+    conn: Conn,
+    io: Transport,
+    gen: u64,
+    id: u64,
+    peer: String,
+    layer: Option<Rc<dyn Layer>>,
+    readable: bool,
+    writable: bool,
+    queued: bool,
+    deadline: Option<Instant>,
+    read_eof: bool,
+    /// Finished and half-closed: reading and discarding until the client closes too (or this
+    /// deadline passes), so unread request bytes do not turn our close into a reset that could
+    /// destroy the last replies in flight to the client.
+    lingering: Option<Instant>,
+}
+
+struct Loop {
+    poll: Poll,
+    core: Rc<LoopCore>,
+    sched: Sched,
+    cfg: ServerConfig,
+    stack: Stack,
+    budget: Budget,
+    shutdown: Arc<Shutdown>,
+    listeners: Vec<LoopListener>,
+    accept_paused: bool,
+    emfile_logged: bool,
+    conns: Slab<Slot>,
+    next_gen: u64,
+    run_queue: VecDeque<usize>,
+    completions: Completions,
+    /// Connections whose deadline timer fired: (key, generation).
+    expired: Rc<RefCell<Vec<(usize, u64)>>>,
+    /// Set by the accept-retry timer.
+    accept_retry: Rc<RefCell<bool>>,
+    /// Connections that stopped reading without a reason we can see from here (budget).
+    stalled: Vec<(usize, u64)>,
+    stall_timer_armed: Rc<RefCell<bool>>,
+    shutting_down_since: Option<Instant>,
+}
+
+impl Loop {
+    fn new(
+        cfg: ServerConfig,
+        stack: Stack,
+        pool: Arc<BlockingPool>,
+        budget: Budget,
+        shutdown: Arc<Shutdown>,
+    ) -> io::Result<Loop> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        shutdown.add(waker.clone());
+        let core = Rc::new(LoopCore::new(pool, waker));
+        let sched = Sched::new(core.clone());
+        Ok(Loop {
+            poll,
+            core,
+            sched,
+            cfg,
+            stack,
+            budget,
+            shutdown,
+            listeners: Vec::new(),
+            accept_paused: false,
+            emfile_logged: false,
+            conns: Slab::new(),
+            next_gen: 0,
+            run_queue: VecDeque::new(),
+            completions: Rc::new(RefCell::new(Vec::new())),
+            expired: Rc::new(RefCell::new(Vec::new())),
+            accept_retry: Rc::new(RefCell::new(false)),
+            stalled: Vec::new(),
+            stall_timer_armed: Rc::new(RefCell::new(false)),
+            shutting_down_since: None,
+        })
+    }
+
+    fn add_listener(&mut self, l: Listener) -> io::Result<()> {
+        let token = Token(FIRST_LISTENER + self.listeners.len());
+        let mut ml = match l {
+            Listener::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                LoopListener::Tcp(mio::net::TcpListener::from_std(l))
+            }
+            Listener::Unix(l) => {
+                l.set_nonblocking(true)?;
+                LoopListener::Unix(mio::net::UnixListener::from_std(l))
+            }
+        };
+        match &mut ml {
+            LoopListener::Tcp(l) => self.poll.registry().register(l, token, mio::Interest::READABLE)?,
+            LoopListener::Unix(l) => self.poll.registry().register(l, token, mio::Interest::READABLE)?,
+        }
+        self.listeners.push(ml);
+        Ok(())
+    }
+
+    fn add_conn(&mut self, mut io: Transport, peer: String) -> io::Result<()> {
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        io.register(self.poll.registry(), Token(CONN_BASE + 2 * key), Token(CONN_BASE + 2 * key + 1))?;
+        self.next_gen += 1;
+        let now = self.core.tick();
+        let conn = Conn::new(self.cfg.conn.clone(), self.budget.clone(), now);
+        let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+        log::debug!("connection {id} from {peer}");
+        entry.insert(Slot {
+            conn,
+            io,
+            gen: self.next_gen,
+            id,
+            peer,
+            layer: None,
+            readable: true,
+            writable: true,
+            queued: false,
+            deadline: None,
+            read_eof: false,
+            lingering: None,
+        });
+        self.enqueue(key);
+        Ok(())
+    }
+
+    fn enqueue(&mut self, key: usize) {
+        if let Some(s) = self.conns.get_mut(key) {
+            if !s.queued {
+                s.queued = true;
+                self.run_queue.push_back(key);
+            }
+        }
+    }
+
+    /// The loop. `single`: return when the last connection closes (`-s`).
+    fn run(&mut self, single: bool) -> io::Result<()> {
+        let r = self.run_inner(single);
+        // Timers and blocking work still pending hold completions of connections that are gone.
+        crate::layer::tearing_down();
+        r
+    }
+
+    fn run_inner(&mut self, single: bool) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let now = self.core.tick();
+            if self.shutdown.is_set() && self.shutting_down_since.is_none() {
+                self.begin_shutdown(now);
+            }
+            if let Some(since) = self.shutting_down_since {
+                if self.conns.is_empty() || now.duration_since(since) > SHUTDOWN_GRACE {
+                    return Ok(());
+                }
+            }
+            if single && self.conns.is_empty() {
+                return Ok(());
+            }
+            let timeout = if !self.run_queue.is_empty() || !self.completions.borrow().is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                self.core.next_deadline().map(|d| d.saturating_duration_since(now))
+            };
+            let timeout = match self.shutting_down_since {
+                Some(_) => {
+                    Some(timeout.map_or(Duration::from_millis(100), |t| t.min(Duration::from_millis(100))))
+                }
+                None => timeout,
+            };
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            self.core.tick();
+            for ev in events.iter() {
+                let t = ev.token().0;
+                if t == WAKER.0 {
+                    // Blocking results are drained by run_ready below.
+                } else if t < CONN_BASE {
+                    if !self.accept_paused && self.shutting_down_since.is_none() {
+                        self.accept(t - FIRST_LISTENER);
+                    }
+                } else {
+                    let key = (t - CONN_BASE) / 2;
+                    if let Some(s) = self.conns.get_mut(key) {
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            s.readable = true;
+                        }
+                        if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
+                            s.writable = true;
+                        }
+                        self.enqueue(key);
+                    }
+                }
+            }
+            self.core.run_ready();
+            self.after_callbacks();
+            self.run_services();
+        }
+    }
+
+    /// Handle what timers and completions left behind.
+    fn after_callbacks(&mut self) {
+        let expired: Vec<_> = self.expired.borrow_mut().drain(..).collect();
+        let now = self.core.tick();
+        for (key, gen) in expired {
+            if let Some(s) = self.conns.get_mut(key) {
+                if s.gen == gen {
+                    if s.lingering.is_some_and(|d| d <= now) {
+                        self.close(key, false);
+                        continue;
+                    }
+                    if s.deadline.is_some_and(|d| d <= now) {
+                        s.deadline = None;
+                        s.conn.handle_timeout(now);
+                    }
+                    self.enqueue(key);
+                }
+            }
+        }
+        if std::mem::take(&mut *self.accept_retry.borrow_mut()) {
+            self.accept_paused = false;
+            for i in 0..self.listeners.len() {
+                self.accept(i);
+            }
+        }
+        self.drain_completions();
+        if !self.stalled.is_empty() && !*self.stall_timer_armed.borrow() {
+            let stalled = std::mem::take(&mut self.stalled);
+            for (key, gen) in stalled {
+                if self.conns.get(key).is_some_and(|s| s.gen == gen) {
+                    self.enqueue(key);
+                }
+            }
+        }
+    }
+
+    fn run_services(&mut self) {
+        // One pass over the connections that were queued when the pass began; a connection with
+        // more to do goes to the back of the queue (fairness).
+        let n = self.run_queue.len();
+        for _ in 0..n {
+            let Some(key) = self.run_queue.pop_front() else { break };
+            if let Some(s) = self.conns.get_mut(key) {
+                s.queued = false;
+                self.service(key);
+            }
+            self.drain_completions();
+        }
+    }
+
+    fn accept(&mut self, index: usize) {
+        loop {
+            let Some(listener) = self.listeners.get(index) else { return };
+            let accepted = match listener {
+                LoopListener::Tcp(l) => l.accept().map(|(s, a)| {
+                    let _ = s.set_nodelay(true);
+                    (Transport::Tcp(s), a.to_string())
+                }),
+                LoopListener::Unix(l) => l.accept().map(|(s, _)| (Transport::Unix(s), "unix".to_string())),
+            };
+            match accepted {
+                Ok((t, peer)) => {
+                    self.emfile_logged = false;
+                    if let Err(e) = self.add_conn(t, peer) {
+                        log::warn!("cannot register connection: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    // Out of descriptors: do not spin on accept. Stop, say so once, and try again
+                    // after a pause or when one of our connections closes.
+                    if !self.emfile_logged {
+                        log::warn!("accept: {e}; pausing new connections until a descriptor frees");
+                        self.emfile_logged = true;
+                    }
+                    self.pause_accept();
+                    return;
+                }
+                Err(e) => {
+                    // ECONNABORTED and friends concern one connection only.
+                    log::debug!("accept: {e}");
+                    continue;
+                }
+            }
+        }
+    }
+
+    fn pause_accept(&mut self) {
+        if self.accept_paused {
+            return;
+        }
+        self.accept_paused = true;
+        let flag = self.accept_retry.clone();
+        self.sched.after(ACCEPT_RETRY, move || *flag.borrow_mut() = true);
+    }
+
+    fn begin_shutdown(&mut self, now: Instant) {
+        self.shutting_down_since = Some(now);
+        for l in &mut self.listeners {
+            let _ = match l {
+                LoopListener::Tcp(l) => self.poll.registry().deregister(l),
+                LoopListener::Unix(l) => self.poll.registry().deregister(l),
+            };
+        }
+        self.listeners.clear();
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            if let Some(s) = self.conns.get_mut(key) {
+                s.conn.shutdown();
+            }
+            self.enqueue(key);
+        }
+    }
+
+    fn drain_completions(&mut self) {
+        loop {
+            let batch: Vec<Completion> = std::mem::take(&mut *self.completions.borrow_mut());
+            if batch.is_empty() {
+                return;
+            }
+            for c in batch {
+                match c {
+                    Completion::Request { key, gen, id, result } => {
+                        if let Some(s) = self.conns.get_mut(key) {
+                            if s.gen == gen {
+                                s.conn.handle_result(id, result);
+                                self.enqueue(key);
+                            }
+                        }
+                    }
+                    Completion::Open { key, gen, probe, result } => {
+                        let Some(s) = self.conns.get_mut(key) else { continue };
+                        if s.gen != gen {
+                            if let Ok(layer) = result {
+                                layer.close();
+                            }
+                            continue;
+                        }
+                        let now = self.core.now_instant();
+                        match result {
+                            Ok(layer) => {
+                                let info = layer.info();
+                                if probe {
+                                    layer.close();
+                                } else if let Some(old) = s.layer.replace(layer) {
+                                    old.close();
+                                }
+                                s.conn.handle_export(Ok(info), now);
+                            }
+                            Err(e) => s.conn.handle_export(Err(e), now),
+                        }
+                        self.enqueue(key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One service pass for one connection: read, decode, dispatch, write, maybe close.
+    fn service(&mut self, key: usize) {
+        let now = self.core.now_instant();
+        let mut more = false;
+        if self.conns.get(key).is_some_and(|s| s.lingering.is_some()) {
+            return self.linger(key, now);
+        }
+        {
+            let Some(s) = self.conns.get_mut(key) else { return };
+            for _ in 0..READS_PER_PASS {
+                if !s.readable || s.read_eof || !s.conn.wants_read() {
+                    break;
+                }
+                let buf = s.conn.read_buf();
+                if buf.is_empty() {
+                    break;
+                }
+                match s.io.read(buf) {
+                    Ok(0) => {
+                        s.read_eof = true;
+                        s.conn.handle_read(0, now);
+                    }
+                    Ok(n) => s.conn.handle_read(n, now),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.readable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        log::debug!("connection {}: read: {e}", s.id);
+                        return self.close(key, false);
+                    }
+                }
+            }
+            if s.readable && !s.read_eof && s.conn.wants_read() {
+                more = true;
+            }
+            if s.conn.process(now) {
+                more = true;
+            }
+        }
+        self.dispatch_events(key);
+        self.drain_completions();
+        let Some(s) = self.conns.get_mut(key) else { return };
+        // Write what is queued.
+        let mut wrote = false;
+        while s.writable && s.conn.has_output() {
+            let mut iov = [IoSlice::new(&[]); 64];
+            let n = s.conn.fill_iovecs(&mut iov);
+            if n == 0 {
+                break;
+            }
+            match s.io.write_vectored(&iov[..n]) {
+                Ok(0) => {
+                    s.writable = false;
+                    break;
+                }
+                Ok(w) => {
+                    wrote = true;
+                    s.conn.handle_written(w)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("connection {}: write: {e}", s.id);
+                    return self.close(key, false);
+                }
+            }
+        }
+        if s.conn.is_aborted() {
+            if let Some(v) = s.conn.abort_reason() {
+                log::warn!("connection {} from {}: {}; disconnecting", s.id, s.peer, v.0);
+            }
+            return self.close(key, false);
+        }
+        if s.conn.is_finished() && !s.conn.has_output() && (s.conn.in_flight() == 0 || s.read_eof) {
+            if s.read_eof {
+                return self.close(key, true);
+            }
+            s.io.shutdown_write();
+            s.lingering = Some(now + LINGER);
+            let expired = self.expired.clone();
+            let gen = s.gen;
+            self.sched.at(now + LINGER, move || expired.borrow_mut().push((key, gen)));
+            return self.linger(key, now);
+        }
+        // Deadline bookkeeping.
+        let deadline = s.conn.poll_deadline();
+        if deadline != s.deadline {
+            s.deadline = deadline;
+            if let Some(at) = deadline {
+                let expired = self.expired.clone();
+                let gen = s.gen;
+                self.sched.at(at, move || expired.borrow_mut().push((key, gen)));
+            }
+        }
+        // Budget is server-wide and may be freed by another loop, which cannot wake us: look
+        // again soon.
+        if s.conn.waiting_for_budget() {
+            self.stalled.push((key, s.gen));
+            if !*self.stall_timer_armed.borrow() {
+                *self.stall_timer_armed.borrow_mut() = true;
+                let armed = self.stall_timer_armed.clone();
+                self.sched.after(BUDGET_RETRY, move || *armed.borrow_mut() = false);
+            }
+        }
+        // Writing may have let the connection decode more (its output cap), and that leaves
+        // events for the next pass.
+        if more || wrote || s.conn.wants_process() {
+            self.enqueue(key);
+        }
+    }
+
+    /// A finished, half-closed connection: discard what the client still sends until it closes.
+    fn linger(&mut self, key: usize, now: Instant) {
+        let Some(s) = self.conns.get_mut(key) else { return };
+        let mut sink = [0u8; 4096];
+        loop {
+            match s.io.read(&mut sink) {
+                Ok(0) => return self.close(key, false),
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return self.close(key, false),
+            }
+        }
+        s.readable = false;
+        if s.lingering.is_some_and(|d| d <= now) {
+            self.close(key, false);
+        }
+    }
+
+    fn dispatch_events(&mut self, key: usize) {
+        loop {
+            let Some(s) = self.conns.get_mut(key) else { return };
+            let Some(ev) = s.conn.poll_event() else { return };
+            let gen = s.gen;
+            match ev {
+                Event::ListExports => {
+                    let list = self.stack.list_exports();
+                    s.conn.handle_export_list(list);
+                }
+                Event::OpenExport { name, probe } => {
+                    let cx = OpenCx {
+                        export_name: name,
+                        readonly: self.cfg.readonly,
+                        is_tls: false,
+                        peer: s.peer.clone(),
+                        conn_id: s.id,
+                        sched: self.sched.clone(),
+                    };
+                    let c = self.completions.clone();
+                    self.stack.open(
+                        &cx,
+                        Done::new(move |result| {
+                            c.borrow_mut().push(Completion::Open { key, gen, probe, result })
+                        }),
+                    );
+                }
+                Event::Request(req) => match s.layer.clone() {
+                    Some(layer) => start_request(&layer, req, key, gen, &self.completions),
+                    None => s.conn.handle_result(req.id, Err(NbdError::io("no export is open"))),
+                },
+            }
+        }
+    }
+
+    fn close(&mut self, key: usize, graceful: bool) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let mut s = self.conns.remove(key);
+        if graceful {
+            s.io.shutdown_write();
+        }
+        s.io.deregister(self.poll.registry());
+        if let Some(layer) = s.layer.take() {
+            layer.close();
+        }
+        log::debug!("connection {} from {} closed", s.id, s.peer);
+        drop(s);
+        // A descriptor just freed: if accepting was paused for EMFILE, try again now.
+        if self.accept_paused {
+            *self.accept_retry.borrow_mut() = true;
+        }
+    }
+}
+
+impl LoopCore {
+    fn now_instant(&self) -> Instant {
+        crate::sched::Scheduler::now(self)
+    }
+}
+
+/// Hand a decoded request to the layer stack; its completion lands on the loop's queue.
+fn start_request(layer: &Rc<dyn Layer>, req: Request, key: usize, gen: u64, completions: &Completions) {
+    let Request { id, op, offset, flags } = req;
+    let c = completions.clone();
+    let finish = move |result: Result<Outcome, NbdError>| {
+        c.borrow_mut().push(Completion::Request { key, gen, id, result });
+    };
+    match op {
+        Op::Read { buf } => layer.pread(buf, offset, flags, Done::new(move |r| finish(r.map(Outcome::Data)))),
+        Op::Write { data } => {
+            layer.pwrite(data, offset, flags, Done::new(move |r| finish(r.map(|_| Outcome::Done))))
+        }
+        Op::Flush => layer.flush(flags, Done::new(move |r| finish(r.map(|_| Outcome::Done)))),
+        Op::Trim { count } => {
+            layer.trim(count, offset, flags, Done::new(move |r| finish(r.map(|_| Outcome::Done))))
+        }
+        Op::Zero { count } => {
+            layer.zero(count, offset, flags, Done::new(move |r| finish(r.map(|_| Outcome::Done))))
+        }
+        Op::Cache { count } => {
+            layer.cache(count, offset, flags, Done::new(move |r| finish(r.map(|_| Outcome::Done))))
+        }
+        Op::BlockStatus { count } => {
+            layer.extents(count, offset, flags, Done::new(move |r| finish(r.map(Outcome::Extents))))
+        }
+    }
+}

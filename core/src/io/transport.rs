@@ -1,0 +1,94 @@
+//! The byte streams a connection runs over.
+
+use std::fs::File;
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+pub enum Transport {
+    Tcp(mio::net::TcpStream),
+    Unix(mio::net::UnixStream),
+    /// `-s`: stdin and stdout, which may be one socket (libnbd's `connect_command` passes a
+    /// socketpair as both) or two pipes.
+    Stdio {
+        input: File,
+        output: File,
+        same: bool,
+    },
+}
+
+impl Transport {
+    /// Take over fds 0 and 1 for `-s`, in nonblocking mode.
+    pub fn stdio() -> io::Result<Transport> {
+        use std::os::fd::AsFd;
+        let input: OwnedFd = io::stdin().as_fd().try_clone_to_owned()?;
+        let output: OwnedFd = io::stdout().as_fd().try_clone_to_owned()?;
+        super::process::set_nonblocking(input.as_raw_fd())?;
+        super::process::set_nonblocking(output.as_raw_fd())?;
+        let same = super::process::same_file(input.as_raw_fd(), output.as_raw_fd());
+        Ok(Transport::Stdio { input: File::from(input), output: File::from(output), same })
+    }
+
+    /// Register for both readiness kinds. `read_token` is used for everything except a separate
+    /// output fd, which gets `write_token`.
+    pub fn register(&mut self, reg: &Registry, read_token: Token, write_token: Token) -> io::Result<()> {
+        let both = Interest::READABLE | Interest::WRITABLE;
+        match self {
+            Transport::Tcp(s) => reg.register(s, read_token, both),
+            Transport::Unix(s) => reg.register(s, read_token, both),
+            Transport::Stdio { input, output, same } => {
+                let infd: RawFd = input.as_raw_fd();
+                if *same {
+                    reg.register(&mut SourceFd(&infd), read_token, both)
+                } else {
+                    let outfd: RawFd = output.as_raw_fd();
+                    reg.register(&mut SourceFd(&infd), read_token, Interest::READABLE)?;
+                    reg.register(&mut SourceFd(&outfd), write_token, Interest::WRITABLE)
+                }
+            }
+        }
+    }
+
+    pub fn deregister(&mut self, reg: &Registry) {
+        let _ = match self {
+            Transport::Tcp(s) => reg.deregister(s),
+            Transport::Unix(s) => reg.deregister(s),
+            Transport::Stdio { input, output, same } => {
+                let infd = input.as_raw_fd();
+                let r = reg.deregister(&mut SourceFd(&infd));
+                if !*same {
+                    let outfd = output.as_raw_fd();
+                    let _ = reg.deregister(&mut SourceFd(&outfd));
+                }
+                r
+            }
+        };
+    }
+
+    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Tcp(s) => s.read(buf),
+            Transport::Unix(s) => s.read(buf),
+            Transport::Stdio { input, .. } => input.read(buf),
+        }
+    }
+
+    pub fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Transport::Tcp(s) => s.write_vectored(bufs),
+            Transport::Unix(s) => s.write_vectored(bufs),
+            Transport::Stdio { output, .. } => output.write_vectored(bufs),
+        }
+    }
+
+    /// Half-close our sending side so the client sees EOF after the last reply.
+    pub fn shutdown_write(&mut self) {
+        let _ = match self {
+            Transport::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Transport::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Transport::Stdio { .. } => Ok(()),
+        };
+    }
+}

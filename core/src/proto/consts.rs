@@ -1,0 +1,163 @@
+//! Every number the NBD protocol puts on the wire (spec `doc/proto.md`, plus the
+//! `extension-ext-header` branch for extended headers). Names follow the spec without the
+//! `NBD_` prefix.
+
+// ---- Magics ----------------------------------------------------------------------------------
+
+/// `NBDMAGIC`, first word of every greeting (also called INIT_PASSWD).
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+/// `IHAVEOPT`: second word of the newstyle greeting and first word of every option request.
+pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+/// Second word of the oldstyle greeting (`cliserv_magic`).
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
+/// Option reply magic.
+pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Compact (28-byte) request header.
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Extended (32-byte) request header [EXT].
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Simple reply header.
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Structured reply chunk header (20 bytes).
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Extended reply chunk header (32 bytes) [EXT].
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
+
+// ---- Handshake flags (server, 16 bits) and client flags (32 bits) ----------------------------
+
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+/// Every handshake flag the spec defines; a server must not set any other.
+pub const HANDSHAKE_FLAGS_KNOWN: u16 = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
+
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+pub const CLIENT_FLAGS_KNOWN: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
+
+// ---- Options ---------------------------------------------------------------------------------
+
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_LIST: u32 = 3;
+/// Withdrawn; treated as unknown.
+pub const OPT_PEEK_EXPORT: u32 = 4;
+pub const OPT_STARTTLS: u32 = 5;
+pub const OPT_INFO: u32 = 6;
+pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
+
+// ---- Option reply types ----------------------------------------------------------------------
+
+pub const REP_ACK: u32 = 1;
+pub const REP_SERVER: u32 = 2;
+pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
+
+/// Bit 31 marks an error reply.
+pub const REP_FLAG_ERROR: u32 = 1 << 31;
+pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
+pub const REP_ERR_POLICY: u32 = REP_FLAG_ERROR | 2;
+pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
+pub const REP_ERR_PLATFORM: u32 = REP_FLAG_ERROR | 4;
+pub const REP_ERR_TLS_REQD: u32 = REP_FLAG_ERROR | 5;
+pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
+pub const REP_ERR_SHUTDOWN: u32 = REP_FLAG_ERROR | 7;
+pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
+pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_FLAG_ERROR | 10;
+
+// ---- NBD_REP_INFO item types -----------------------------------------------------------------
+
+pub const INFO_EXPORT: u16 = 0;
+pub const INFO_NAME: u16 = 1;
+pub const INFO_DESCRIPTION: u16 = 2;
+pub const INFO_BLOCK_SIZE: u16 = 3;
+
+// ---- Transmission flags (16 bits) ------------------------------------------------------------
+
+pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
+pub const FLAG_READ_ONLY: u16 = 1 << 1;
+pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const FLAG_SEND_FUA: u16 = 1 << 3;
+pub const FLAG_ROTATIONAL: u16 = 1 << 4;
+pub const FLAG_SEND_TRIM: u16 = 1 << 5;
+pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const FLAG_SEND_DF: u16 = 1 << 7;
+pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const FLAG_SEND_RESIZE: u16 = 1 << 9;
+pub const FLAG_SEND_CACHE: u16 = 1 << 10;
+pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
+pub const FLAG_BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
+
+// ---- Commands --------------------------------------------------------------------------------
+
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+/// [RESIZE], experimental; we answer it like an unknown command.
+pub const CMD_RESIZE: u16 = 8;
+
+// ---- Command flags (16 bits) -----------------------------------------------------------------
+
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// [EXT] the header's length is a payload length.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
+
+// ---- Reply chunks ----------------------------------------------------------------------------
+
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// [EXT] 64-bit block status descriptors.
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
+/// Bit 15 marks an error chunk.
+pub const REPLY_TYPE_FLAG_ERROR: u16 = 1 << 15;
+pub const REPLY_TYPE_ERROR: u16 = REPLY_TYPE_FLAG_ERROR | 1;
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_FLAG_ERROR | 2;
+
+// ---- Errors (the only values allowed on the wire; see also `error::Errno::wire`) -------------
+
+pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
+pub const ENOMEM: u32 = 12;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const EOVERFLOW: u32 = 75;
+pub const ENOTSUP: u32 = 95;
+pub const ESHUTDOWN: u32 = 108;
+
+// ---- Sizes -----------------------------------------------------------------------------------
+
+/// Newstyle greeting: NBDMAGIC, IHAVEOPT, 16-bit handshake flags.
+pub const NEWSTYLE_GREETING_LEN: usize = 18;
+/// Oldstyle greeting: NBDMAGIC, magic, size, 32-bit flags, 124 zeroes.
+pub const OLDSTYLE_GREETING_LEN: usize = 152;
+pub const OPTION_HEADER_LEN: usize = 16;
+pub const OPTION_REPLY_HEADER_LEN: usize = 20;
+pub const COMPACT_REQUEST_LEN: usize = 28;
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+pub const SIMPLE_REPLY_LEN: usize = 16;
+pub const STRUCTURED_REPLY_HEADER_LEN: usize = 20;
+pub const EXTENDED_REPLY_HEADER_LEN: usize = 32;
+/// Reserved zero bytes after the export size and flags (oldstyle; EXPORT_NAME without
+/// NO_ZEROES).
+pub const ZEROES_LEN: usize = 124;
+/// Longest string the spec allows (names, descriptions, messages).
+pub const MAX_STRING_LEN: usize = 4096;
+/// The only metadata context we implement.
+pub const BASE_ALLOCATION: &str = "base:allocation";
