@@ -7,6 +7,11 @@
 //!
 //! Adding a backend = adding a module and a row in [`REGISTRY`].
 
+// `unsafe` is confined to the file backend's system-call wrappers (`file::sys`), which opt back
+// in; each block there must say why it is sound.
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use blocksmith_core::layer::BackendSpec;
 
 pub mod file;
