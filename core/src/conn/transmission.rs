@@ -141,19 +141,11 @@ impl Conn {
         let f = h.flags;
         let has = |bit: u16| f & bit != 0;
         let payload_flag = ext && has(CMD_FLAG_PAYLOAD_LEN);
-        // How many bytes follow the header: with extended headers exactly when PAYLOAD_LEN is
-        // set; with compact headers only for WRITE.
-        let payload = if ext {
-            if payload_flag {
-                h.length
-            } else {
-                0
-            }
-        } else if h.typ == CMD_WRITE {
-            h.length
-        } else {
-            0
-        };
+        // How many bytes follow the header. A WRITE always carries its data: the extension says
+        // a client MUST set PAYLOAD_LEN on it, but qemu 10's client does not, and the data
+        // follows all the same (qemu's own server accepts both). Any other command carries a
+        // payload only with PAYLOAD_LEN under extended headers.
+        let payload = if h.typ == CMD_WRITE || payload_flag { h.length } else { 0 };
         if h.typ == CMD_DISC {
             return Plan::Disc;
         }
@@ -187,9 +179,6 @@ impl Conn {
         }
         if has(CMD_FLAG_FAST_ZERO) && (h.typ != CMD_WRITE_ZEROES || tflags & FLAG_SEND_FAST_ZERO == 0) {
             return refuse("FAST_ZERO is only valid on WRITE_ZEROES when advertised".into());
-        }
-        if ext && h.typ == CMD_WRITE && !payload_flag {
-            return refuse("WRITE needs PAYLOAD_LEN with extended headers".into());
         }
         if payload_flag && h.typ != CMD_WRITE {
             // BLOCK_STATUS_PAYLOAD is not offered, so only WRITE carries a payload.
