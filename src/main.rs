@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use blocksmith_core::conn::ConnConfig;
 use blocksmith_core::io::process::{self, Forked};
-use blocksmith_core::io::server::{self, Listener, ServerConfig, Shutdown};
+use blocksmith_core::control::ServerControl;
+use blocksmith_core::io::server::{self, Listener, ServerConfig};
 use blocksmith_core::layer::{BackendSpec, FilterSpec, Stack};
 use blocksmith_core::{limits, ConfigError};
 
@@ -240,7 +241,7 @@ fn run(opts: Options) -> Result<ExitCode, String> {
     if opts.exit_with_parent {
         process::exit_with_parent().map_err(|e| format!("--exit-with-parent: {e}"))?;
     }
-    let shutdown = Arc::new(Shutdown::default());
+    let shutdown = ServerControl::new();
 
     if opts.single {
         start_signal_thread(shutdown.clone())?;
@@ -277,7 +278,7 @@ fn run(opts: Options) -> Result<ExitCode, String> {
     let mut code = ExitCode::SUCCESS;
     if let Some(cmd) = &opts.run {
         code = run_captive(cmd, &uri, port, unix.as_deref(), opts.exportname.as_deref().unwrap_or(""));
-        shutdown.trigger();
+        shutdown.shutdown();
     }
     let served = server.join();
     if let Some(d) = cleanup_dir {
@@ -318,7 +319,7 @@ fn run_captive(
 }
 
 /// One thread for the whole process turns SIGINT/SIGTERM/SIGQUIT/SIGHUP into a clean shutdown.
-fn start_signal_thread(shutdown: Arc<Shutdown>) -> Result<(), String> {
+fn start_signal_thread(shutdown: Arc<ServerControl>) -> Result<(), String> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGQUIT, SIGHUP]).map_err(|e| e.to_string())?;
@@ -327,7 +328,7 @@ fn start_signal_thread(shutdown: Arc<Shutdown>) -> Result<(), String> {
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 log::debug!("signal {sig}: shutting down");
-                shutdown.trigger();
+                shutdown.shutdown();
             }
         })
         .map_err(|e| e.to_string())?;

@@ -130,3 +130,26 @@ fn nbdinfo_no_meta_contexts() {
     let size = nbdinfo(&["--size", &srv.uri()]);
     assert_eq!(size.stdout.trim(), MIB.to_string());
 }
+
+#[test]
+fn nbdinfo_handshake_variants() {
+    // --mask-handshake 0: plain (unfixed) newstyle, so libnbd falls back to NBD_OPT_EXPORT_NAME.
+    for (mask, protocol) in [("0", "protocol: newstyle without TLS"), ("1", "protocol: newstyle-fixed")] {
+        let srv = Server::unix(&["--mask-handshake", mask, "memory", "1M"]);
+        let out = nbdinfo(&[&srv.uri()]);
+        assert!(out.stdout.contains(protocol), "--mask-handshake {mask}:\n{}", out.describe());
+        assert_eq!(field(&out, "export-size"), "1048576 (1M)");
+        run_ok(tool("nbdsh").args([
+            "-u",
+            &srv.uri(),
+            "-c",
+            "h.pwrite(b'm' * 4096, 0)",
+            "-c",
+            "assert h.pread(4096, 0) == b'm' * 4096",
+        ]));
+    }
+    // Oldstyle.
+    let srv = Server::unix(&["-o", "memory", "1M"]);
+    let out = nbdinfo(&[&srv.uri()]);
+    assert!(out.stdout.contains("protocol: oldstyle"), "{}", out.describe());
+}

@@ -298,8 +298,8 @@ fn assorted_options_are_accepted() {
         &["-v"],
         &["--threads", "1"],
         &["--threads", "3"],
-        &["--memory-limit", "64M"],
-        &["--max-request", "1M"],
+        &["--memory-limit", "256M"],
+        &["--max-request", "1M", "--memory-limit", "8M"],
         &["-e", "ignored"],
     ] {
         let mut args = opts.to_vec();
@@ -317,4 +317,24 @@ fn assorted_options_are_accepted() {
         ]));
         assert_eq!(out.stdout.trim(), "4194304", "with {opts:?}: {}", out.describe());
     }
+}
+
+#[test]
+fn max_request_is_advertised_and_enforced() {
+    let srv = Server::unix(&["--max-request", "1M", "memory", "4M"]);
+    let out = run_ok(tool("nbdsh").args([
+        "-u",
+        &srv.uri(),
+        "-c",
+        "assert h.get_block_size(nbd.SIZE_MAXIMUM) == 1048576, h.get_block_size(nbd.SIZE_MAXIMUM)",
+        "-c",
+        "h.pwrite(b'\\x07' * 1048576, 0)",
+        "-c",
+        "h.set_strict_mode(0)",
+        "-c",
+        "try:\n    h.pread(2097152, 0)\n    print('2M read succeeded')\nexcept nbd.Error as e:\n    print('errno', e.errnum)",
+        "-c",
+        "assert h.pread(1048576, 0) == b'\\x07' * 1048576",
+    ]));
+    assert_eq!(out.stdout.trim(), "errno 22", "READ over --max-request must get EINVAL:\n{}", out.describe());
 }

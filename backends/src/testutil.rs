@@ -51,6 +51,7 @@ pub fn try_open(factory: Arc<dyn BackendFactory>, readonly: bool) -> Result<Conn
         peer: "test".into(),
         conn_id: 1,
         sched: sim.sched(),
+        control: blocksmith_core::control::ServerControl::new(),
     };
     let stack = Stack::new(("test".into(), factory), vec![]);
     let layer = run(&sim, |d| stack.open(&cx, d))?;

@@ -11,10 +11,12 @@
 //! - [`io`]: the event loops (mio), listeners, and the connection driver.
 //! - [`limits`]: every bound, as a named constant.
 //! - [`config`]: parameter parsing shared by every backend and filter.
+//! - [`control`]: server-wide state layers may act on (shutdown, connection count).
 
 pub mod budget;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod error;
 pub mod io;
 pub mod layer;

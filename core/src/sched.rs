@@ -9,6 +9,7 @@
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,22 @@ pub type BlockingThen = Box<dyn FnOnce(Box<dyn Any + Send>)>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TimerId(pub u64);
+
+/// A registered fd watch (see [`Scheduler::watch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WatchId(pub usize);
+
+/// What a readiness event says about a watched fd.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer hung up or the fd is in error: reads will return EOF or the error.
+    pub closed: bool,
+}
+
+/// Called on each readiness event of a watched fd.
+pub type WatchTask = Box<dyn FnMut(Readiness)>;
 
 pub trait Scheduler {
     fn now(&self) -> Instant;
@@ -29,6 +46,19 @@ pub trait Scheduler {
     fn spawn_blocking(&self, work: BlockingWork, then: BlockingThen);
     /// Run `task` on this loop after the current callback returns (breaks deep recursion).
     fn defer(&self, task: Task);
+    /// Watch a nonblocking fd (a child's pipe, an upstream socket) on this loop. Readiness is
+    /// edge-triggered: `task` runs when the fd may have become readable or writable and must
+    /// read or write until `WouldBlock`, or it will not be called again for the same bytes. The
+    /// fd must stay open until [`Scheduler::unwatch`]. Not every scheduler can watch fds (the
+    /// simulation cannot): those return `Unsupported`.
+    fn watch(&self, fd: RawFd, readable: bool, writable: bool, task: WatchTask) -> std::io::Result<WatchId> {
+        let _ = (fd, readable, writable, task);
+        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "this scheduler cannot watch file descriptors"))
+    }
+    /// Stop watching; the task is dropped (it may be the task that is running now).
+    fn unwatch(&self, id: WatchId) {
+        let _ = id;
+    }
 }
 
 /// A cloneable handle to a loop's scheduler.
@@ -54,6 +84,19 @@ impl Sched {
     }
     pub fn defer(&self, task: impl FnOnce() + 'static) {
         self.0.defer(Box::new(task))
+    }
+    /// See [`Scheduler::watch`].
+    pub fn watch(
+        &self,
+        fd: RawFd,
+        readable: bool,
+        writable: bool,
+        task: impl FnMut(Readiness) + 'static,
+    ) -> std::io::Result<WatchId> {
+        self.0.watch(fd, readable, writable, Box::new(task))
+    }
+    pub fn unwatch(&self, id: WatchId) {
+        self.0.unwatch(id)
     }
     /// Run blocking `work` (a syscall on a regular file, say) on the pool; `then` gets its
     /// result back on this loop.

@@ -122,6 +122,7 @@ pub fn cx(sim: &Rc<SimScheduler>) -> OpenCx {
         peer: "test".into(),
         conn_id: 1,
         sched: sim.sched(),
+        control: blocksmith_core::control::ServerControl::new(),
     }
 }
 

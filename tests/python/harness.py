@@ -37,6 +37,8 @@ def handle(meta=True):
 
 
 def check_logs():
+    if not any(_handles):
+        fail("libnbd's debug callback captured nothing: the strictness check would be vacuous")
     for log in _handles:
         for msg in log:
             low = msg.lower()

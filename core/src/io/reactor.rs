@@ -10,11 +10,16 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Instant;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
 
 use slab::Slab;
 
-use crate::sched::{BlockingThen, BlockingWork, Scheduler, Task, TimerId};
+use crate::sched::{BlockingThen, BlockingWork, Readiness, Sched, Scheduler, Task, TimerId, WatchId, WatchTask};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -73,12 +78,28 @@ pub struct LoopCore {
     results_tx: Sender<BlockingResult>,
     results_rx: Receiver<BlockingResult>,
     waker: Arc<mio::Waker>,
+    registry: Registry,
+    /// Watched fds; a task is taken out while it runs (so it may unwatch itself).
+    watches: RefCell<Slab<Watch>>,
 }
 
+struct Watch {
+    fd: RawFd,
+    task: Option<WatchTask>,
+}
+
+/// Tokens `WATCH_BASE..WATCH_BASE + WATCH_LIMIT` belong to fd watches.
+pub const WATCH_BASE: usize = 1 << 19;
+pub const WATCH_LIMIT: usize = 1 << 19;
+/// The token that wakes a loop from another thread.
+pub const WAKER_TOKEN: Token = Token(0);
+
 impl LoopCore {
-    pub fn new(pool: Arc<BlockingPool>, waker: Arc<mio::Waker>) -> LoopCore {
+    pub fn new(pool: Arc<BlockingPool>, waker: Arc<mio::Waker>, registry: Registry) -> LoopCore {
         let (results_tx, results_rx) = mpsc::channel();
         LoopCore {
+            registry,
+            watches: RefCell::new(Slab::new()),
             now: Cell::new(Instant::now()),
             next_timer: Cell::new(0),
             timers: RefCell::new(BTreeMap::new()),
@@ -153,6 +174,80 @@ impl LoopCore {
     pub fn blocking_in_flight(&self) -> usize {
         self.waiting.borrow().len()
     }
+
+    /// Deliver a readiness event for a watch token.
+    pub fn dispatch_watch(&self, token: Token, ready: Readiness) {
+        let key = token.0 - WATCH_BASE;
+        let task = self.watches.borrow_mut().get_mut(key).and_then(|w| w.task.take());
+        if let Some(mut task) = task {
+            task(ready);
+            // Put it back unless it unwatched itself (and the slot was maybe reused).
+            if let Some(w) = self.watches.borrow_mut().get_mut(key) {
+                if w.task.is_none() {
+                    w.task = Some(task);
+                }
+            }
+        }
+    }
+}
+
+/// Readiness from a mio event.
+pub fn readiness(ev: &mio::event::Event) -> Readiness {
+    Readiness {
+        readable: ev.is_readable(),
+        writable: ev.is_writable(),
+        closed: ev.is_read_closed() || ev.is_write_closed() || ev.is_error(),
+    }
+}
+
+/// A single event loop with nothing but a scheduler, for tests of layers that wait on real
+/// fds, timers or the blocking pool (the simulation cannot watch fds).
+pub struct LocalLoop {
+    poll: Poll,
+    core: Rc<LoopCore>,
+}
+
+impl LocalLoop {
+    pub fn new() -> std::io::Result<LocalLoop> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER_TOKEN)?);
+        let registry = poll.registry().try_clone()?;
+        let core = Rc::new(LoopCore::new(BlockingPool::new(2), waker, registry));
+        Ok(LocalLoop { poll, core })
+    }
+
+    pub fn sched(&self) -> Sched {
+        Sched::new(self.core.clone())
+    }
+
+    /// Turn the loop until `done()` or `limit` passes; returns whether `done()` became true.
+    pub fn run_until(&mut self, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + limit;
+        let mut events = Events::with_capacity(64);
+        loop {
+            let now = self.core.tick();
+            self.core.run_ready();
+            if done() {
+                return true;
+            }
+            if now >= end {
+                return false;
+            }
+            let timeout = self.core.next_deadline().map_or(end, |d| d.min(end)).saturating_duration_since(now);
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return false;
+                }
+            }
+            self.core.tick();
+            for ev in events.iter() {
+                let t = ev.token().0;
+                if (WATCH_BASE..WATCH_BASE + WATCH_LIMIT).contains(&t) {
+                    self.core.dispatch_watch(ev.token(), readiness(ev));
+                }
+            }
+        }
+    }
 }
 
 impl Scheduler for LoopCore {
@@ -198,5 +293,79 @@ impl Scheduler for LoopCore {
 
     fn defer(&self, task: Task) {
         self.deferred.borrow_mut().push_back(task);
+    }
+
+    fn watch(&self, fd: RawFd, readable: bool, writable: bool, task: WatchTask) -> std::io::Result<WatchId> {
+        let interest = match (readable, writable) {
+            (true, true) => Interest::READABLE | Interest::WRITABLE,
+            (false, true) => Interest::WRITABLE,
+            _ => Interest::READABLE,
+        };
+        let mut watches = self.watches.borrow_mut();
+        let entry = watches.vacant_entry();
+        let key = entry.key();
+        if key >= WATCH_LIMIT {
+            return Err(std::io::Error::other("too many watched file descriptors on this loop"));
+        }
+        self.registry.register(&mut SourceFd(&fd), Token(WATCH_BASE + key), interest)?;
+        entry.insert(Watch { fd, task: Some(task) });
+        Ok(WatchId(key))
+    }
+
+    fn unwatch(&self, id: WatchId) {
+        let removed = self.watches.borrow_mut().try_remove(id.0);
+        if let Some(w) = removed {
+            let _ = self.registry.deregister(&mut SourceFd(&w.fd));
+            drop(w.task);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn watched_fd_wakes_the_loop_and_can_unwatch_itself() {
+        let mut lp = LocalLoop::new().unwrap();
+        let sched = lp.sched();
+        let (mut a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let got = Rc::new(RefCell::new(Vec::new()));
+        let id = Rc::new(Cell::new(None));
+        let (g, i, s2) = (got.clone(), id.clone(), sched.clone());
+        let mut reader = b;
+        let w = sched
+            .watch(reader.as_raw_fd(), true, false, move |ready| {
+                let mut buf = [0u8; 16];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => g.borrow_mut().extend_from_slice(&buf[..n]),
+                        Err(_) => break,
+                    }
+                }
+                if ready.closed || g.borrow().len() >= 5 {
+                    if let Some(id) = i.get() {
+                        s2.unwatch(id);
+                    }
+                }
+            })
+            .unwrap();
+        id.set(Some(w));
+        // A timer and blocking work share the loop with the watch.
+        let fired = Rc::new(Cell::new(false));
+        let f = fired.clone();
+        sched.after(Duration::from_millis(20), move || f.set(true));
+        let blocked = Rc::new(Cell::new(0));
+        let bl = blocked.clone();
+        sched.blocking(|| 6 * 7, move |v| bl.set(v));
+        a.write_all(b"hello").unwrap();
+        assert!(lp.run_until(Duration::from_secs(5), || got.borrow().len() == 5 && fired.get() && blocked.get() == 42));
+        assert_eq!(&*got.borrow(), b"hello");
     }
 }

@@ -13,23 +13,24 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token, Waker};
 use slab::Slab;
 
-use super::reactor::{BlockingPool, LoopCore};
+use super::reactor::{readiness, BlockingPool, LoopCore, WATCH_BASE, WATCH_LIMIT};
 use super::transport::Transport;
 use crate::budget::Budget;
+use crate::control::ServerControl;
 use crate::conn::{Conn, ConnConfig, Event, Op, Outcome, Request, RequestId};
 use crate::error::NbdError;
 use crate::layer::{Done, Layer, OpenCx, Stack};
 use crate::sched::Sched;
 
-const WAKER: Token = Token(0);
+const WAKER: Token = super::reactor::WAKER_TOKEN;
 const FIRST_LISTENER: usize = 1;
 /// Connection tokens start here: `CONN_BASE + 2*key` (input) and `+1` (a separate output fd).
 const CONN_BASE: usize = 1 << 20;
@@ -79,39 +80,6 @@ enum LoopListener {
     Unix(mio::net::UnixListener),
 }
 
-/// Asks every loop to stop: they stop accepting, let in-flight requests finish (up to a grace
-/// period), then exit.
-#[derive(Default)]
-pub struct Shutdown {
-    flag: AtomicBool,
-    wakers: Mutex<Vec<Arc<Waker>>>,
-}
-
-impl Shutdown {
-    pub fn trigger(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        if let Ok(w) = self.wakers.lock() {
-            for w in w.iter() {
-                let _ = w.wake();
-            }
-        }
-    }
-    pub fn is_set(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-    fn add(&self, w: Arc<Waker>) {
-        if let Ok(mut ws) = self.wakers.lock() {
-            ws.push(w);
-        }
-        // A trigger that raced with registration must still reach this loop.
-        if self.is_set() {
-            if let Some(w) = self.wakers.lock().ok().and_then(|ws| ws.last().cloned()) {
-                let _ = w.wake();
-            }
-        }
-    }
-}
-
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Serve `listeners` until `shutdown` is triggered. Blocks the calling thread; starts
@@ -120,7 +88,7 @@ pub fn serve(
     cfg: ServerConfig,
     stack: Stack,
     listeners: Vec<Listener>,
-    shutdown: Arc<Shutdown>,
+    shutdown: Arc<ServerControl>,
 ) -> io::Result<()> {
     let pool = BlockingPool::new(cfg.io_threads);
     let budget = Budget::new(cfg.memory_limit);
@@ -152,7 +120,7 @@ pub fn serve(
 }
 
 /// `-s`: serve exactly one connection on stdin/stdout, on the calling thread, then return.
-pub fn serve_stdio(cfg: ServerConfig, stack: Stack, shutdown: Arc<Shutdown>) -> io::Result<()> {
+pub fn serve_stdio(cfg: ServerConfig, stack: Stack, shutdown: Arc<ServerControl>) -> io::Result<()> {
     let pool = BlockingPool::new(cfg.io_threads);
     let budget = Budget::new(cfg.memory_limit);
     let mut lp = Loop::new(cfg, stack, pool, budget, shutdown)?;
@@ -193,7 +161,7 @@ struct Loop {
     cfg: ServerConfig,
     stack: Stack,
     budget: Budget,
-    shutdown: Arc<Shutdown>,
+    shutdown: Arc<ServerControl>,
     listeners: Vec<LoopListener>,
     accept_paused: bool,
     emfile_logged: bool,
@@ -217,12 +185,12 @@ impl Loop {
         stack: Stack,
         pool: Arc<BlockingPool>,
         budget: Budget,
-        shutdown: Arc<Shutdown>,
+        shutdown: Arc<ServerControl>,
     ) -> io::Result<Loop> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        shutdown.add(waker.clone());
-        let core = Rc::new(LoopCore::new(pool, waker));
+        shutdown.add_waker(waker.clone());
+        let core = Rc::new(LoopCore::new(pool, waker, poll.registry().try_clone()?));
         let sched = Sched::new(core.clone());
         Ok(Loop {
             poll,
@@ -275,6 +243,7 @@ impl Loop {
         let now = self.core.tick();
         let conn = Conn::new(self.cfg.conn.clone(), self.budget.clone(), now);
         let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+        self.shutdown.connection_opened();
         log::debug!("connection {id} from {peer}");
         entry.insert(Slot {
             conn,
@@ -315,7 +284,7 @@ impl Loop {
         let mut events = Events::with_capacity(1024);
         loop {
             let now = self.core.tick();
-            if self.shutdown.is_set() && self.shutting_down_since.is_none() {
+            if self.shutdown.is_shutting_down() && self.shutting_down_since.is_none() {
                 self.begin_shutdown(now);
             }
             if let Some(since) = self.shutting_down_since {
@@ -347,6 +316,8 @@ impl Loop {
                 let t = ev.token().0;
                 if t == WAKER.0 {
                     // Blocking results are drained by run_ready below.
+                } else if (WATCH_BASE..WATCH_BASE + WATCH_LIMIT).contains(&t) {
+                    self.core.dispatch_watch(ev.token(), readiness(ev));
                 } else if t < CONN_BASE {
                     if !self.accept_paused && self.shutting_down_since.is_none() {
                         self.accept(t - FIRST_LISTENER);
@@ -676,6 +647,7 @@ impl Loop {
                         peer: s.peer.clone(),
                         conn_id: s.id,
                         sched: self.sched.clone(),
+                        control: self.shutdown.clone(),
                     };
                     let c = self.completions.clone();
                     self.stack.open(
@@ -707,6 +679,7 @@ impl Loop {
         }
         log::debug!("connection {} from {} closed", s.id, s.peer);
         drop(s);
+        self.shutdown.connection_closed();
         // A descriptor just freed: if accepting was paused for EMFILE, try again now.
         if self.accept_paused {
             *self.accept_retry.borrow_mut() = true;

@@ -19,7 +19,9 @@ pub mod shim;
 pub mod stack;
 
 use std::rc::Rc;
+use std::sync::Arc;
 
+use crate::control::ServerControl;
 use crate::error::{Errno, NbdError};
 use crate::sched::Sched;
 
@@ -216,8 +218,25 @@ pub struct OpenCx {
     pub peer: String,
     /// Server-unique connection number, for logs.
     pub conn_id: u64,
-    /// Timers and blocking work for this connection's loop.
+    /// Timers, blocking work and fd readiness for this connection's loop.
     pub sched: Sched,
+    /// The server as a whole: shut it down, count its clients.
+    pub control: Arc<ServerControl>,
+}
+
+impl OpenCx {
+    /// A context for tests: default export, a fresh server control, peer "test".
+    pub fn for_tests(sched: Sched) -> OpenCx {
+        OpenCx {
+            export_name: String::new(),
+            readonly: false,
+            is_tls: false,
+            peer: "test".into(),
+            conn_id: 1,
+            sched,
+            control: ServerControl::new(),
+        }
+    }
 }
 
 /// One open instance of a layer (a backend, or a filter over its `next`). See the module docs

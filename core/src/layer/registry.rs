@@ -46,6 +46,13 @@ pub trait FilterFactory: Send + Sync {
     fn list_exports(&self, below: Vec<ExportDesc>) -> Vec<ExportDesc> {
         below
     }
+    /// The export name the layers below this filter are opened with, given the name this
+    /// filter was asked for. Called top-down before anything is opened; an error refuses the
+    /// export (the client sees NBD_REP_ERR_UNKNOWN with the message).
+    fn export_name(&self, cx: &OpenCx, name: &str) -> Result<String, NbdError> {
+        let _ = cx;
+        Ok(name.to_string())
+    }
 }
 
 pub type MakeBackend = fn(&mut Params) -> Result<Arc<dyn BackendFactory>, ConfigError>;

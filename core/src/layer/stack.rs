@@ -28,17 +28,36 @@ impl Stack {
     /// Open the whole stack for one connection. `done` gets the top shim, the layer the
     /// connection talks to; `cx.readonly` (the server's `-r`) is enforced there.
     pub fn open(&self, cx: &OpenCx, done: Done<Rc<dyn Layer>>) {
+        // Each layer is opened with the export name the filter above it chose (top-down), so
+        // keep the context each filter saw.
+        let mut contexts = Vec::with_capacity(self.filters.len());
+        let mut below = cx.clone();
+        for (_, f) in &self.filters {
+            let name = match f.export_name(&below, &below.export_name) {
+                Ok(n) => n,
+                Err(e) => return done.err(e),
+            };
+            contexts.push(below.clone());
+            below.export_name = name;
+        }
         let filters = self.filters.clone();
-        let cx2 = cx.clone();
+        let readonly = cx.readonly;
         self.backend.1.open(
-            cx,
+            &below,
             Done::new(move |r: Result<Rc<dyn Layer>, NbdError>| {
                 let r = r.and_then(|backend| {
                     // A shim above every layer; the topmost also applies the server's `-r`.
                     let top = filters.len();
-                    let mut layer: Rc<dyn Layer> = Shim::new(backend, top == 0 && cx2.readonly);
-                    for (depth, (_, f)) in filters.iter().enumerate().rev() {
-                        layer = Shim::new(f.open(&cx2, layer)?, depth == 0 && cx2.readonly);
+                    let mut layer: Rc<dyn Layer> = Shim::new(backend, top == 0 && readonly);
+                    for (depth, ((_, f), fcx)) in filters.iter().zip(&contexts).enumerate().rev() {
+                        layer = match f.open(fcx, layer.clone()) {
+                            Ok(l) => Shim::new(l, depth == 0 && readonly),
+                            Err(e) => {
+                                // What is already open below must hear that it is closed.
+                                layer.close();
+                                return Err(e);
+                            }
+                        };
                     }
                     Ok(layer)
                 });
