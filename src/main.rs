@@ -11,8 +11,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use blocksmith_core::conn::ConnConfig;
-use blocksmith_core::io::process::{self, Forked};
 use blocksmith_core::control::ServerControl;
+use blocksmith_core::io::process::{self, Forked};
 use blocksmith_core::io::server::{self, Listener, ServerConfig};
 use blocksmith_core::layer::{BackendSpec, FilterSpec, Stack};
 use blocksmith_core::{limits, ConfigError};

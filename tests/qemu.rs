@@ -195,3 +195,49 @@ fn qemu_io_refuses_writes_on_readonly_export() {
     let out = run_ok(tool("qemu-io").args(["-f", "raw", "-r", "-c", "read -P 0 0 1M", &srv.uri()]));
     assert_qemu_io_clean(&out);
 }
+
+/// (major, minor) of the installed qemu-io.
+fn qemu_version() -> (u32, u32) {
+    let out = run_ok(tool("qemu-io").arg("--version"));
+    let v = out
+        .stdout
+        .split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .unwrap_or_else(|| panic!("cannot parse qemu-io --version: {}", out.describe()));
+    let mut it = v.split('.').map(|n| n.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+#[test]
+fn qemu_io_negotiates_extended_headers() {
+    // qemu >= 8.2 asks for NBD_OPT_EXTENDED_HEADERS first; the server's debug log (-v) says which
+    // header style each client entered transmission with.
+    let srv = Server::unix(&["-v", "memory", "64M"]);
+    let out = run_ok(tool("qemu-io").args([
+        "-f",
+        "raw",
+        "-d",
+        "unmap",
+        "-c",
+        "write -P 0x42 0 4M",
+        "-c",
+        "write -z 8M 32M",
+        "-c",
+        "discard 48M 8M",
+        "-c",
+        "read -P 0x42 0 4M",
+        "-c",
+        "read -P 0 8M 32M",
+        &srv.uri(),
+    ]));
+    assert_qemu_io_clean(&out);
+    if qemu_version() >= (8, 2) {
+        let log = srv.stderr();
+        assert!(
+            log.contains("extended headers"),
+            "qemu {:?} should have negotiated extended headers (no 'extended headers' in the -v log):\n{log}",
+            qemu_version()
+        );
+    }
+}

@@ -12,9 +12,7 @@ fn codec(c: &mut Criterion) {
     let hdr = request(CMD_READ, 0, 7, 4096, 4096);
     let mut compact = [0u8; COMPACT_REQUEST_LEN];
     compact.copy_from_slice(&hdr);
-    c.bench_function("decode_compact_request", |b| {
-        b.iter(|| decode_compact_request(black_box(&compact)))
-    });
+    c.bench_function("decode_compact_request", |b| b.iter(|| decode_compact_request(black_box(&compact))));
     let mut out = Vec::with_capacity(64);
     c.bench_function("encode_simple_reply", |b| {
         b.iter(|| {
@@ -25,7 +23,15 @@ fn codec(c: &mut Criterion) {
     c.bench_function("encode_offset_data_header", |b| {
         b.iter(|| {
             out.clear();
-            encode_offset_data_header(&mut out, ReplyForm::Structured, REPLY_FLAG_DONE, black_box(7), 4096, 4096, 4096);
+            encode_offset_data_header(
+                &mut out,
+                ReplyForm::Structured,
+                REPLY_FLAG_DONE,
+                black_box(7),
+                4096,
+                4096,
+                4096,
+            );
         })
     });
     let extents: Vec<(u32, u32)> = (0..64).map(|i| (4096, (i % 2) as u32)).collect();

@@ -53,7 +53,10 @@ pub trait Scheduler {
     /// simulation cannot): those return `Unsupported`.
     fn watch(&self, fd: RawFd, readable: bool, writable: bool, task: WatchTask) -> std::io::Result<WatchId> {
         let _ = (fd, readable, writable, task);
-        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "this scheduler cannot watch file descriptors"))
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this scheduler cannot watch file descriptors",
+        ))
     }
     /// Stop watching; the task is dropped (it may be the task that is running now).
     fn unwatch(&self, id: WatchId) {

@@ -7,11 +7,11 @@
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::os::fd::RawFd;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -19,7 +19,9 @@ use mio::{Events, Interest, Poll, Registry, Token};
 
 use slab::Slab;
 
-use crate::sched::{BlockingThen, BlockingWork, Readiness, Sched, Scheduler, Task, TimerId, WatchId, WatchTask};
+use crate::sched::{
+    BlockingThen, BlockingWork, Readiness, Sched, Scheduler, Task, TimerId, WatchId, WatchTask,
+};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -233,7 +235,8 @@ impl LocalLoop {
             if now >= end {
                 return false;
             }
-            let timeout = self.core.next_deadline().map_or(end, |d| d.min(end)).saturating_duration_since(now);
+            let timeout =
+                self.core.next_deadline().map_or(end, |d| d.min(end)).saturating_duration_since(now);
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     return false;
@@ -365,7 +368,9 @@ mod tests {
         let bl = blocked.clone();
         sched.blocking(|| 6 * 7, move |v| bl.set(v));
         a.write_all(b"hello").unwrap();
-        assert!(lp.run_until(Duration::from_secs(5), || got.borrow().len() == 5 && fired.get() && blocked.get() == 42));
+        assert!(lp.run_until(Duration::from_secs(5), || got.borrow().len() == 5
+            && fired.get()
+            && blocked.get() == 42));
         assert_eq!(&*got.borrow(), b"hello");
     }
 }

@@ -4,6 +4,7 @@
 //! - [`codec`]: fixed-size header decoders, option data parsers, and encoders that append to a
 //!   `Vec<u8>`. No IO, no state, no allocation from unchecked client lengths.
 
+pub mod client;
 pub mod codec;
 pub mod consts;
 
