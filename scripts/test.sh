@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian package -> the commands the tests run from it.
-packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit)
-tools=(qemu-img qemu-io nbdinfo nbdcopy nbdsh fio nbdkit /usr/bin/python3)
+packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit fdisk)
+tools=(qemu-img qemu-io nbdinfo nbdcopy nbdsh fio nbdkit sfdisk /usr/bin/python3)
 
 missing=()
 for p in "${packages[@]}"; do

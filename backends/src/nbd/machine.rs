@@ -36,11 +36,7 @@ const MAX_OPTION_REPLY: usize = 64 * 1024;
 
 /// Largest chunk payload gathered in memory (everything but READ data, which streams): a
 /// BLOCK_STATUS reply with the spec's maximum of 2^20 descriptors.
-pub const MAX_SMALL_CHUNK: usize = 4 + 8 * limits_max_extents();
-
-const fn limits_max_extents() -> usize {
-    blocksmith_core::limits::MAX_EXTENTS_PER_REPLY
-}
+pub const MAX_SMALL_CHUNK: usize = 4 + 8 * blocksmith_core::limits::MAX_EXTENTS_PER_REPLY;
 
 /// A segment queued for output is merged with the next header while it is this small.
 const SMALL_SEGMENT: usize = 64 * 1024;
@@ -214,10 +210,6 @@ fn fill(acc: &mut Vec<u8>, need: usize, input: &mut &[u8]) -> bool {
     acc.extend_from_slice(&input[..want]);
     *input = &input[want..];
     acc.len() >= need
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
 pub struct Machine<T> {
@@ -466,9 +458,8 @@ impl<T> Machine<T> {
                 let (size, flags) = decode_export_name_reply(&b);
                 self.size = Some(size);
                 self.set_transmission_flags(flags);
-                // EXPORT_NAME cannot select meta contexts for a name other than the one given
-                // to SET_META_CONTEXT, which was this one; but the spec ties a selection to GO,
-                // so block status is not trusted after this fallback.
+                // A server too old for GO is not trusted with a meta context selected before
+                // EXPORT_NAME either: no block status after this fallback.
                 self.meta_id = None;
                 self.phase = Phase::Ready(Rx::Magic);
             }
@@ -638,7 +629,7 @@ impl<T> Machine<T> {
                         p.offset, p.len
                     ));
                 };
-                p.covered += data_len;
+                p.covered = p.covered.saturating_add(data_len);
                 // Both fit in the request's buffer, whose length is a usize.
                 let (at, end) = (start as usize, (start + data_len) as usize);
                 let last = h.flags & REPLY_FLAG_DONE != 0;
@@ -729,7 +720,7 @@ impl<T> Machine<T> {
                     return fatal(format!("hole [{off}, +{len}) outside its request [{}, +{})", p.offset, p.len));
                 };
                 p.buf[start as usize..(start + len) as usize].fill(0);
-                p.covered += len;
+                p.covered = p.covered.saturating_add(len);
             }
             REPLY_TYPE_BLOCK_STATUS => {
                 if p.typ != CMD_BLOCK_STATUS {
@@ -787,10 +778,4 @@ impl<T> Machine<T> {
         };
         self.done.push((p.token, r));
     }
-}
-
-/// For tests and the driver: the be32 helper is used by tests building scripts.
-#[cfg(test)]
-pub(crate) fn read_be32(b: &[u8]) -> u32 {
-    be32(b)
 }
