@@ -48,6 +48,7 @@ pub fn try_open(factory: Arc<dyn BackendFactory>, readonly: bool) -> Result<Conn
         export_name: String::new(),
         readonly,
         is_tls: false,
+        tls_subject: None,
         peer: "test".into(),
         conn_id: 1,
         sched: sim.sched(),

@@ -119,6 +119,7 @@ pub fn cx(sim: &Rc<SimScheduler>) -> OpenCx {
         export_name: String::new(),
         readonly: false,
         is_tls: false,
+        tls_subject: None,
         peer: "test".into(),
         conn_id: 1,
         sched: sim.sched(),

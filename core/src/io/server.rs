@@ -644,6 +644,7 @@ impl Loop {
                         export_name: name,
                         readonly: self.cfg.readonly,
                         is_tls: false,
+                        tls_subject: None,
                         peer: s.peer.clone(),
                         conn_id: s.id,
                         sched: self.sched.clone(),

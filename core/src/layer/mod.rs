@@ -214,6 +214,8 @@ pub struct OpenCx {
     pub export_name: String,
     pub readonly: bool,
     pub is_tls: bool,
+    /// The subject of the client's TLS certificate, when it sent one that was verified.
+    pub tls_subject: Option<String>,
     /// Peer address as text (`127.0.0.1:4321`, `unix`, `stdin`).
     pub peer: String,
     /// Server-unique connection number, for logs.
@@ -231,6 +233,7 @@ impl OpenCx {
             export_name: String::new(),
             readonly: false,
             is_tls: false,
+            tls_subject: None,
             peer: "test".into(),
             conn_id: 1,
             sched,
