@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,7 @@ use blocksmith_core::layer::{
     BackendFactory, BackendSpec, Done, ExportInfo, Extents, Flags, Layer, OpenCx, ParamSpec, Support,
     EXTENT_HOLE, EXTENT_ZERO,
 };
+use blocksmith_core::io::uring;
 use blocksmith_core::sched::Sched;
 use blocksmith_core::{ConfigError, NbdError};
 
@@ -571,6 +573,15 @@ struct FileLayer {
 }
 
 impl FileLayer {
+    /// This loop's io_uring, for reads, writes and syncs, unless `cache=none` wants its page
+    /// cache advice after each transfer (that path stays on the pool, where it is one job).
+    fn ring(&self) -> Option<Rc<uring::Uring>> {
+        if self.shared.cache == CacheMode::None {
+            return None;
+        }
+        uring::for_loop(&self.sched)
+    }
+
     /// Run `work` on the blocking pool; its result completes `done` back on this loop.
     fn offload<T: Send + 'static>(
         &self,
@@ -603,15 +614,52 @@ impl Layer for FileLayer {
     }
 
     fn pread(&self, buf: Vec<u8>, offset: u64, _flags: Flags, done: Done<Vec<u8>>) {
+        if let Some(ring) = self.ring() {
+            let fd = self.shared.file.as_raw_fd();
+            return ring.read_exact_at(
+                fd,
+                uring::keep(self.shared.clone()),
+                buf,
+                offset,
+                Box::new(move |r, buf| done.call(r.map(|()| buf).map_err(|e| io_error("pread", &e)))),
+            );
+        }
         self.offload(done, move |sh| sh.read(buf, offset))
     }
 
     fn pwrite(&self, data: Vec<u8>, offset: u64, flags: Flags, done: Done<()>) {
         let fua = flags.contains(Flags::FUA);
+        if let Some(ring) = self.ring() {
+            let fd = self.shared.file.as_raw_fd();
+            let (ring2, keep2) = (ring.clone(), self.shared.clone());
+            return ring.write_all_at(
+                fd,
+                uring::keep(self.shared.clone()),
+                data,
+                offset,
+                Box::new(move |r| match r {
+                    Err(e) => done.err(io_error("pwrite", &e)),
+                    Ok(()) if fua => ring2.datasync(
+                        fd,
+                        uring::keep(keep2),
+                        Box::new(move |r| done.call(r.map_err(|e| io_error("fdatasync", &e)))),
+                    ),
+                    Ok(()) => done.ok(()),
+                }),
+            );
+        }
         self.offload(done, move |sh| sh.write(&data, offset, fua))
     }
 
     fn flush(&self, _flags: Flags, done: Done<()>) {
+        if let Some(ring) = self.ring() {
+            let fd = self.shared.file.as_raw_fd();
+            return ring.datasync(
+                fd,
+                uring::keep(self.shared.clone()),
+                Box::new(move |r| done.call(r.map_err(|e| io_error("fdatasync", &e)))),
+            );
+        }
         self.offload(done, |sh| sh.flush())
     }
 

@@ -5,6 +5,7 @@
 //! - [`server`]: listeners, accepting, and the driver that moves bytes between sockets and
 //!   `conn::Conn`, and requests between `Conn` and the layer stack.
 //! - [`transport`]: the byte streams a connection can run over (TCP, Unix, stdin/stdout).
+//! - [`uring`]: file IO through io_uring, one ring per loop, completions on the same loop.
 //! - [`process`]: daemonizing, parent-death signals, and other process plumbing.
 //!
 //! The readiness contract, written once: mio is edge-triggered, so a readable or writable event
@@ -17,3 +18,4 @@ pub mod process;
 pub mod reactor;
 pub mod server;
 pub mod transport;
+pub mod uring;
