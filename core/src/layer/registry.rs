@@ -42,6 +42,12 @@ pub trait BackendFactory: Send + Sync {
 pub trait FilterFactory: Send + Sync {
     /// Make this filter's per-connection instance over `next` (already open).
     fn open(&self, cx: &OpenCx, next: Next) -> Result<Rc<dyn Layer>, NbdError>;
+    /// Open, completing later: for a filter that must ask the layer below something first
+    /// (`partition` reads the partition table). The default completes at once with
+    /// [`FilterFactory::open`]; a filter overriding this may implement `open` as an error.
+    fn open_async(&self, cx: &OpenCx, next: Next, done: Done<Rc<dyn Layer>>) {
+        done.call(self.open(cx, next))
+    }
     /// Rewrite the export list coming from below.
     fn list_exports(&self, below: Vec<ExportDesc>) -> Vec<ExportDesc> {
         below

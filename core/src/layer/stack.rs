@@ -44,24 +44,13 @@ impl Stack {
         let readonly = cx.readonly;
         self.backend.1.open(
             &below,
-            Done::new(move |r: Result<Rc<dyn Layer>, NbdError>| {
-                let r = r.and_then(|backend| {
+            Done::new(move |r: Result<Rc<dyn Layer>, NbdError>| match r {
+                Err(e) => done.err(e),
+                Ok(backend) => {
                     // A shim above every layer; the topmost also applies the server's `-r`.
-                    let top = filters.len();
-                    let mut layer: Rc<dyn Layer> = Shim::new(backend, top == 0 && readonly);
-                    for (depth, ((_, f), fcx)) in filters.iter().zip(&contexts).enumerate().rev() {
-                        layer = match f.open(fcx, layer.clone()) {
-                            Ok(l) => Shim::new(l, depth == 0 && readonly),
-                            Err(e) => {
-                                // What is already open below must hear that it is closed.
-                                layer.close();
-                                return Err(e);
-                            }
-                        };
-                    }
-                    Ok(layer)
-                });
-                done.call(r)
+                    let layer = Shim::new(backend, filters.is_empty() && readonly);
+                    open_filters(Rc::new(Opening { filters, contexts, readonly }), layer, done)
+                }
             }),
         )
     }
@@ -73,5 +62,141 @@ impl Stack {
             list = f.list_exports(list);
         }
         list
+    }
+}
+
+/// What is left to open once the backend is open.
+struct Opening {
+    filters: Vec<(String, Arc<dyn FilterFactory>)>,
+    /// The context each filter was asked to open with (its export name may differ).
+    contexts: Vec<OpenCx>,
+    readonly: bool,
+}
+
+/// Open the filters from the bottom up over `layer`, each possibly completing later.
+fn open_filters(o: Rc<Opening>, layer: Rc<dyn Layer>, done: Done<Rc<dyn Layer>>) {
+    // Filters still to open are `o.filters[..remaining]`; the last of them sits just above
+    // `layer`.
+    fn step(o: Rc<Opening>, remaining: usize, layer: Rc<dyn Layer>, done: Done<Rc<dyn Layer>>) {
+        if remaining == 0 {
+            return done.ok(layer);
+        }
+        let depth = remaining - 1;
+        let (f, fcx) = (&o.filters[depth].1, &o.contexts[depth]);
+        let below = layer.clone();
+        let next = o.clone();
+        f.open_async(
+            fcx,
+            layer,
+            Done::new(move |r: Result<Rc<dyn Layer>, NbdError>| match r {
+                Ok(l) => {
+                    let top = depth == 0 && next.readonly;
+                    step(next, depth, Shim::new(l, top), done)
+                }
+                Err(e) => {
+                    // What is already open below must hear that it is closed.
+                    below.close();
+                    done.err(e)
+                }
+            }),
+        );
+    }
+    let n = o.filters.len();
+    step(o, n, layer, done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{ExportInfo, Filter, FilterLayer, Flags, Next};
+    use crate::sched::SimScheduler;
+    use std::cell::RefCell;
+
+    struct Disk;
+    impl Layer for Disk {
+        fn info(&self) -> ExportInfo {
+            ExportInfo::read_only(1 << 20)
+        }
+        fn pread(&self, mut buf: Vec<u8>, offset: u64, _f: Flags, done: Done<Vec<u8>>) {
+            buf.fill((offset >> 12) as u8);
+            done.ok(buf)
+        }
+    }
+    struct DiskFactory;
+    impl BackendFactory for DiskFactory {
+        fn open(&self, _cx: &OpenCx, done: Done<Rc<dyn Layer>>) {
+            done.ok(Rc::new(Disk))
+        }
+    }
+
+    /// A filter that reads from below before it is ready, like `partition`, and then serves
+    /// from the offset it read.
+    struct Probe(u64);
+    impl Filter for Probe {
+        fn pread(&self, next: &Next, buf: Vec<u8>, offset: u64, f: Flags, done: Done<Vec<u8>>) {
+            next.pread(buf, offset + self.0, f, done)
+        }
+    }
+    struct ProbeFactory(Option<NbdError>);
+    impl FilterFactory for ProbeFactory {
+        fn open(&self, _cx: &OpenCx, _next: Next) -> Result<Rc<dyn Layer>, NbdError> {
+            Err(NbdError::inval("only open_async"))
+        }
+        fn open_async(&self, cx: &OpenCx, next: Next, done: Done<Rc<dyn Layer>>) {
+            let fail = self.0.clone();
+            let sched = cx.sched.clone();
+            let n = next.clone();
+            next.pread(
+                vec![0; 1],
+                8192,
+                Flags::NONE,
+                Done::new(move |r: Result<Vec<u8>, NbdError>| {
+                    // Complete later, on the scheduler, as a filter waiting on IO would.
+                    sched.defer(move || match (fail, r) {
+                        (Some(e), _) => done.err(e),
+                        (None, Ok(b)) => {
+                            done.ok(Rc::new(FilterLayer { filter: Probe(u64::from(b[0]) << 12), next: n }))
+                        }
+                        (None, Err(e)) => done.err(e),
+                    })
+                }),
+            );
+        }
+    }
+
+    #[test]
+    fn filters_may_open_asynchronously() {
+        let sim = SimScheduler::new();
+        let stack = Stack::new(
+            ("disk".into(), Arc::new(DiskFactory)),
+            vec![("probe".into(), Arc::new(ProbeFactory(None)) as Arc<dyn FilterFactory>)],
+        );
+        let got = Rc::new(RefCell::new(None));
+        let g = got.clone();
+        stack.open(&OpenCx::for_tests(sim.sched()), Done::new(move |r| *g.borrow_mut() = Some(r)));
+        assert!(got.borrow().is_none(), "the filter has not finished opening yet");
+        sim.run_until_idle();
+        let top = got.borrow_mut().take().unwrap().unwrap();
+        // The probe read block 2's marker (2), so it serves from 2 blocks further on.
+        let out = Rc::new(RefCell::new(None));
+        let o = out.clone();
+        top.pread(vec![0; 4], 4096, Flags::NONE, Done::new(move |r| *o.borrow_mut() = Some(r)));
+        assert_eq!(out.borrow_mut().take().unwrap().unwrap(), vec![3; 4]);
+
+        let failing = Stack::new(
+            ("disk".into(), Arc::new(DiskFactory)),
+            vec![(
+                "probe".into(),
+                Arc::new(ProbeFactory(Some(NbdError::io("no table")))) as Arc<dyn FilterFactory>,
+            )],
+        );
+        let got = Rc::new(RefCell::new(None));
+        let g = got.clone();
+        failing.open(&OpenCx::for_tests(sim.sched()), Done::new(move |r| *g.borrow_mut() = Some(r)));
+        sim.run_until_idle();
+        assert_eq!(
+            got.borrow_mut().take().unwrap().err().map(|e| e.to_string()),
+            Some("EIO: no table".into())
+        );
     }
 }
