@@ -71,7 +71,7 @@ const BLOCK_USIZE: usize = BLOCK as usize;
 
 /// Requests larger than this are generated or checked on the blocking pool when blocks have
 /// fully random content (about a nanosecond a byte); one repeated byte is generated in place.
-const INLINE_RANDOM_BYTES: usize = 256 * 1024;
+const INLINE_RANDOM_BYTES: usize = 64 * 1024;
 
 /// Runs one block-status request may report. Less than asked is a valid answer, and this keeps
 /// a long request over a finely fragmented disk from holding the event loop.
@@ -90,9 +90,7 @@ impl Layout {
         match self {
             Layout::AllHoles => false,
             Layout::AllData => true,
-            Layout::Map(words) => {
-                words.get((blk / 64) as usize).is_some_and(|w| (w >> (blk % 64)) & 1 == 1)
-            }
+            Layout::Map(words) => words.get((blk / 64) as usize).is_some_and(|w| (w >> (blk % 64)) & 1 == 1),
         }
     }
 
@@ -401,5 +399,143 @@ impl Layer for SparseRandomLayer {
 
     fn cache(&self, _count: u64, _offset: u64, _flags: Flags, done: Done<()>) {
         done.ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{make, make_err, open, Conn};
+
+    const HZ: u32 = EXTENT_HOLE | EXTENT_ZERO;
+
+    fn conn(kv: &[(&str, &str)]) -> Conn {
+        open(make(&SPEC, kv).unwrap(), false)
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn content_matches_nbdkit() {
+        // Vectors read from nbdkit 1.32.5 (`sparse-random 1M seed=1 percent=100`), including its
+        // unaligned-start quirk (module docs).
+        let c = conn(&[("size", "1M"), ("seed", "1"), ("percent", "100")]);
+        assert_eq!(hex(&c.read(4, 0).unwrap()), "c5c5c5c5");
+        assert_eq!(hex(&c.read(10, 4097).unwrap()), "47".repeat(10));
+        assert_eq!(hex(&c.read(10, 100).unwrap()), "e3".repeat(10));
+        let aligned = c.read(8192, 0).unwrap();
+        assert_eq!(hex(&aligned[4097..4107]), "0e".repeat(10));
+        let r = conn(&[("size", "1M"), ("seed", "1"), ("percent", "100"), ("random-content", "true")]);
+        assert_eq!(hex(&r.read(4, 0).unwrap()), "c5ea14a7");
+        assert_eq!(hex(&r.read(10, 4097).unwrap()), "79aee5240b576d9f1857");
+        assert_eq!(hex(&r.read(10, 100).unwrap()), "3f67b4b00c7dc1fb9b5a");
+        let aligned = r.read(8192, 0).unwrap();
+        assert_eq!(hex(&aligned[4097..4107]), "76f99d15e770a7d0d0fe");
+        assert_eq!(hex(&aligned[100..110]), "490b629e8b853e5ddc62");
+        // A long read through the pool agrees with block-sized ones.
+        let big = r.read(INLINE_RANDOM_BYTES + 8192, 0).unwrap();
+        assert_eq!(&big[..8192], &aligned[..]);
+    }
+
+    #[test]
+    fn layout_matches_nbdkit() {
+        // `nbdinfo --map` of nbdkit 1.32.5 `sparse-random 100M seed=3 runlength=1048576`.
+        let c = conn(&[("size", "100M"), ("seed", "3"), ("runlength", "1048576")]);
+        let e = c.extents(100 << 20, 0, Flags::NONE).unwrap();
+        assert_eq!(&e[..4], &[(14606336, HZ), (65536, 0), (1908736, HZ), (114688, 0)]);
+        assert_eq!(e.iter().map(|x| x.0).sum::<u64>(), 100 << 20);
+        // Suffixes mean the same as plain numbers.
+        let s = conn(&[("size", "100M"), ("seed", "3"), ("runlength", "1M")]);
+        assert_eq!(s.extents(100 << 20, 0, Flags::NONE).unwrap(), e);
+        // Holes read as zeroes, data as a non-zero byte, each block on its own.
+        assert_eq!(c.read(4096, 0).unwrap(), vec![0; 4096]);
+        let d = c.read(65536, 14606336).unwrap();
+        assert!(d.iter().all(|&b| b != 0));
+        assert!(d.chunks(4096).all(|blk| blk.iter().all(|&b| b == blk[0])));
+        // From an unaligned offset, clipped, and REQ_ONE.
+        assert_eq!(c.extents(10, 14606336 - 5, Flags::NONE).unwrap(), vec![(5, HZ), (5, 0)]);
+        assert_eq!(c.extents(1 << 20, 14606336 + 7, Flags::REQ_ONE).unwrap(), vec![(65529, 0)]);
+    }
+
+    #[test]
+    fn percent_and_runlength_are_honoured() {
+        let size = 1u64 << 30;
+        let c = conn(&[("size", "1G"), ("seed", "99"), ("percent", "30"), ("runlength", "1M")]);
+        let mut pos = 0;
+        let (mut data, mut runs) = (0u64, 0u64);
+        while pos < size {
+            for (len, flags) in c.extents(size - pos, pos, Flags::NONE).unwrap() {
+                if flags == 0 {
+                    data += len;
+                    runs += 1;
+                }
+                pos += len;
+            }
+        }
+        let pct = 100.0 * data as f64 / size as f64;
+        assert!((20.0..40.0).contains(&pct), "{pct}% data");
+        let avg = data / runs;
+        assert!(((1 << 20) / 2..(1 << 20) * 2).contains(&avg), "average run {avg}");
+        // The extremes need no map at all.
+        let empty = conn(&[("size", "1P"), ("percent", "0")]);
+        assert_eq!(empty.extents(1 << 50, 0, Flags::NONE).unwrap(), vec![(1 << 50, HZ)]);
+        let full = conn(&[("size", "1P"), ("percent", "100")]);
+        assert_eq!(full.extents(1 << 40, 5, Flags::NONE).unwrap(), vec![(1 << 40, 0)]);
+    }
+
+    #[test]
+    fn writes_trims_and_zeroes_are_checked() {
+        let c = conn(&[("size", "100M"), ("seed", "3"), ("runlength", "1048576")]);
+        let i = c.info();
+        assert!(i.can_write && i.can_flush && i.can_trim && i.can_extents && i.can_multi_conn);
+        // Copying the disk onto itself works, aligned or not (a write is compared with a read
+        // at the same offset).
+        for (off, len) in [(14606336 - 4096, 3 * 4096), (14606336 - 100, 333), (14606336 + 1, 4095)] {
+            let d = c.read(len, off).unwrap();
+            c.write(&d, off, Flags::FUA).unwrap();
+            let mut bad = d.clone();
+            bad[len / 2] ^= 0x40;
+            assert_eq!(c.write(&bad, off, Flags::NONE).unwrap_err().errno, Errno::Io);
+        }
+        c.write(&[0; 8192], 0, Flags::NONE).unwrap();
+        assert_eq!(c.write(&[1], 0, Flags::NONE).unwrap_err().errno, Errno::Io);
+        // Trim and zero: holes only.
+        c.trim(1 << 20, 0, Flags::NONE).unwrap();
+        c.zero(14606336 - 10, 10, Flags::NONE).unwrap();
+        assert_eq!(c.zero(20, 14606336 - 10, Flags::NONE).unwrap_err().errno, Errno::Io);
+        assert_eq!(c.trim(1, 14606336 + 4095, Flags::NONE).unwrap_err().errno, Errno::Io);
+        c.flush().unwrap();
+        c.cache(1 << 20, 0).unwrap();
+        // With random content, big checks run on the pool.
+        let r = conn(&[("size", "4M"), ("seed", "5"), ("percent", "100"), ("random-content", "1")]);
+        let d = r.read(1 << 20, 0).unwrap();
+        r.write(&d, 0, Flags::NONE).unwrap();
+        assert_eq!(r.write(&vec![0; 1 << 20], 0, Flags::NONE).unwrap_err().errno, Errno::Io);
+    }
+
+    #[test]
+    fn odd_sizes() {
+        // The last block is partial; reading and mapping stop at the end.
+        let c = conn(&[("size", "10000"), ("seed", "1"), ("percent", "100")]);
+        assert_eq!(c.info().size, 10000);
+        assert_eq!(c.read(10000, 0).unwrap().len(), 10000);
+        assert_eq!(c.extents(10000, 0, Flags::NONE).unwrap(), vec![(10000, 0)]);
+        let z = conn(&[("seed", "1")]);
+        assert_eq!(z.info().size, 0);
+    }
+
+    #[test]
+    fn parameters() {
+        assert!(make_err(&SPEC, &[("size", "1M"), ("percent", "101")]).contains("percent"));
+        assert!(make_err(&SPEC, &[("size", "1M"), ("percent", "-1")]).contains("percent"));
+        assert!(make_err(&SPEC, &[("size", "1M"), ("percent", "ten")]).contains("percent"));
+        assert!(make_err(&SPEC, &[("size", "1M"), ("runlength", "0")]).contains("> 0"));
+        assert!(make_err(&SPEC, &[("size", "1M"), ("runlength", "lots")]).contains("runlength"));
+        assert!(make_err(&SPEC, &[("size", "1M"), ("random-content", "maybe")]).contains("random-content"));
+        assert!(make_err(&SPEC, &[("size", "1M"), ("seed", "-5")]).contains("negative"));
+        assert!(make_err(&SPEC, &[("size", "1M"), ("bogus", "1")]).contains("unknown parameter 'bogus'"));
+        assert!(make(&SPEC, &[("size", "1M"), ("percent", "12.5"), ("runlength", "0x100000")]).is_ok());
     }
 }
