@@ -1,0 +1,39 @@
+"""limit=1: a second client cannot open the export while the first has it; once the first
+leaves, a new client can.
+
+usage: filters_overlay_limit.py URI
+"""
+
+import sys
+import time
+
+import nbd
+
+from harness import done, expect, fail, handle
+
+uri = sys.argv[1]
+h1 = handle()
+h1.connect_uri(uri)
+expect(h1.pread(512, 0) == bytes(512), "first client reads")
+
+h2 = handle()
+try:
+    h2.connect_uri(uri)
+    fail("a second client was let in with limit=1")
+except nbd.Error:
+    pass
+
+h1.shutdown()
+# The server sees the first client go a moment after it disconnects.
+deadline = time.time() + 10
+while True:
+    h3 = handle()
+    try:
+        h3.connect_uri(uri)
+        break
+    except nbd.Error as e:
+        if time.time() > deadline:
+            fail("no client could connect after the first left: %s" % e)
+        time.sleep(0.05)
+h3.pread(512, 0)
+done(h3)
