@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use blocksmith_core::config::{parse_duration, parse_size, Params};
+use blocksmith_core::tls::TlsPolicy;
 use blocksmith_core::ConfigError;
 
 /// Everything the command line says.
@@ -38,6 +39,11 @@ pub struct Options {
     pub max_request: Option<u32>,
     pub ipv4_only: bool,
     pub ipv6_only: bool,
+    /// `--tls` (default off).
+    pub tls: TlsPolicy,
+    pub tls_certificates: Option<String>,
+    pub tls_psk: Option<String>,
+    pub tls_verify_peer: bool,
     pub backend: Option<String>,
     /// Raw parameters after the backend name: (Some(key), value) or (None, bare value).
     pub params: Vec<(Option<String>, String)>,
@@ -63,6 +69,9 @@ const VALUED: &[(&str, Option<char>)] = &[
     ("debug", Some('D')),
     ("user", Some('u')),
     ("group", Some('g')),
+    ("tls", None),
+    ("tls-certificates", None),
+    ("tls-psk", None),
 ];
 
 fn long_for_short(c: char) -> Option<&'static str> {
@@ -201,6 +210,10 @@ pub fn parse(args: &[String]) -> Result<Options, ConfigError> {
             "print-uri" => o.print_uri = true,
             "no-sr" | "no-structured-replies" => o.no_sr = true,
             "no-mc" | "no-meta-contexts" => o.no_mc = true,
+            "tls" => o.tls = TlsPolicy::parse(&v).map_err(ConfigError::new)?,
+            "tls-certificates" => o.tls_certificates = Some(v),
+            "tls-psk" => o.tls_psk = Some(v),
+            "tls-verify-peer" => o.tls_verify_peer = true,
             "ipv4-only" => o.ipv4_only = true,
             "ipv6-only" => o.ipv6_only = true,
             _ => return Err(ConfigError::new(format!("unknown option '{a}' (see 'blocksmith --help')"))),
@@ -249,7 +262,8 @@ Serve a block device over NBD. Options (nbdkit's):
   -o, --oldstyle           oldstyle handshake (no options, no export names)
   -n, --newstyle           newstyle handshake (the default)
       --run CMD            captive mode: run CMD with $uri, $nbd, $port, $unixsocket,
-                           $exportname set, stop when it exits, exit with its status
+                           $exportname, $tls, $tls_certificates, $tls_psk set, stop when
+                           it exits, exit with its status
       --exit-with-parent   exit when the parent process exits (implies -f)
       --print-uri          print the NBD URI to connect to
       --timeout SECS       drop clients that have not finished the handshake in time (default 10)
@@ -257,6 +271,12 @@ Serve a block device over NBD. Options (nbdkit's):
       --no-sr              refuse structured replies
       --no-mc              refuse meta contexts (no block status)
       --mask-handshake N   handshake flags offered (bit 0 fixed newstyle, bit 1 no zeroes)
+      --tls=off|on|require STARTTLS: refused (default), offered, or mandatory
+      --tls-certificates DIR  ca-cert.pem, server-cert.pem, server-key.pem [, ca-crl.pem]
+                           (default $HOME/.pki/nbdkit, $HOME/.config/pki/nbdkit, or
+                           /etc/pki/nbdkit as root)
+      --tls-psk FILE       pre-shared keys (psktool's username:hexkey); overrides certificates
+      --tls-verify-peer    require a client certificate signed by ca-cert.pem
   -t, --threads N          event loops (default: one per core)
       --io-threads N       threads for blocking file IO (default 8)
       --memory-limit SIZE  budget for request and reply buffers (default 1G)
@@ -289,6 +309,22 @@ mod tests {
         let o = p(&["-p10811", "sh", "-"]).unwrap();
         assert_eq!(o.port.as_deref(), Some("10811"));
         assert_eq!(o.params, vec![(None, "-".to_string())]);
+    }
+
+    #[test]
+    fn tls_options() {
+        let o =
+            p(&["--tls=require", "--tls-certificates", "/c", "--tls-verify-peer", "memory", "1M"]).unwrap();
+        assert_eq!(o.tls, TlsPolicy::Require);
+        assert_eq!(o.tls_certificates.as_deref(), Some("/c"));
+        assert!(o.tls_verify_peer);
+        let o = p(&["--tls", "on", "--tls-psk=k.psk", "null"]).unwrap();
+        assert_eq!((o.tls, o.tls_psk.as_deref()), (TlsPolicy::On, Some("k.psk")));
+        assert_eq!(p(&["--tls=required", "null"]).unwrap().tls, TlsPolicy::Require);
+        assert_eq!(p(&["--tls=off", "null"]).unwrap().tls, TlsPolicy::Off);
+        assert_eq!(p(&["null"]).unwrap().tls, TlsPolicy::Off);
+        assert!(p(&["--tls=maybe", "null"]).is_err());
+        assert!(p(&["--tls-verify-peer=1", "null"]).is_err());
     }
 
     #[test]

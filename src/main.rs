@@ -6,7 +6,7 @@ mod logger;
 mod uri;
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use blocksmith_core::control::ServerControl;
 use blocksmith_core::io::process::{self, Forked};
 use blocksmith_core::io::server::{self, Listener, ServerConfig};
 use blocksmith_core::layer::{BackendSpec, FilterSpec, Stack};
+use blocksmith_core::tls::{self, ServerTls, TlsPolicy};
 use blocksmith_core::{limits, ConfigError};
 
 use cli::Options;
@@ -89,6 +90,73 @@ fn build_stack(opts: &Options, backend_name: &str) -> Result<Stack, ConfigError>
     Ok(Stack::new((backend_name.to_string(), backend), filters))
 }
 
+/// TLS as the command line asks for it, after loading the credentials.
+struct TlsSetup {
+    /// The policy in force: `--tls=on` falls back to off when no certificates load, as nbdkit's.
+    policy: TlsPolicy,
+    creds: Option<ServerTls>,
+    /// Absolute, for URIs and `$tls_certificates` (the daemon changes directory).
+    certificates: Option<PathBuf>,
+    /// The PSK file (absolute) and its first user.
+    psk: Option<(PathBuf, Option<String>)>,
+}
+
+impl TlsSetup {
+    /// What `--print-uri` and `$uri` say: only `require` makes it an `nbds` URI.
+    fn uri_hint(&self) -> uri::Tls<'_> {
+        if self.policy != TlsPolicy::Require {
+            return uri::Tls::Plain;
+        }
+        match (&self.psk, &self.certificates) {
+            (Some((file, user)), _) => uri::Tls::Psk { file, user: user.as_deref() },
+            (None, Some(dir)) => uri::Tls::Certificates(dir),
+            (None, None) => uri::Tls::Plain,
+        }
+    }
+}
+
+fn absolute(p: &str) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| PathBuf::from(p))
+}
+
+/// nbdkit's rules: `--tls-psk` overrides certificates; without `--tls-certificates` the
+/// default directories are searched; failing to load is fatal for `require` and turns TLS
+/// off (with a warning) for `on`.
+fn tls_setup(opts: &Options) -> Result<TlsSetup, String> {
+    let off = TlsSetup { policy: TlsPolicy::Off, creds: None, certificates: None, psk: None };
+    let policy = opts.tls;
+    if policy == TlsPolicy::Off {
+        return Ok(off);
+    }
+    if opts.oldstyle && policy == TlsPolicy::Require {
+        return Err("cannot use the oldstyle protocol (-o) and require TLS".into());
+    }
+    if let Some(f) = &opts.tls_psk {
+        let file = absolute(f);
+        let user = tls::read_psk_file(&file)?.first().map(|k| k.username.clone());
+        let creds = ServerTls::psk(&file)?;
+        log::debug!("TLS ({policy:?}): {}", creds.describe());
+        return Ok(TlsSetup { policy, creds: Some(creds), certificates: None, psk: Some((file, user)) });
+    }
+    let loaded = match &opts.tls_certificates {
+        Some(d) => Ok(absolute(d)),
+        None => tls::find_default_certificates(),
+    }
+    .and_then(|dir| ServerTls::certificates(&dir, opts.tls_verify_peer).map(|c| (dir, c)));
+    match loaded {
+        Ok((dir, creds)) => {
+            log::debug!("TLS ({policy:?}): {}", creds.describe());
+            Ok(TlsSetup { policy, creds: Some(creds), certificates: Some(dir), psk: None })
+        }
+        Err(e) if policy == TlsPolicy::On => {
+            log::warn!("--tls=on but the TLS certificates could not be loaded: {e}");
+            log::warn!("TLS is disabled: STARTTLS will be refused");
+            Ok(off)
+        }
+        Err(e) => Err(format!("--tls=require but the TLS certificates could not be loaded: {e}")),
+    }
+}
+
 /// Where we listen, and the URI that reaches it.
 struct Endpoint {
     listeners: Vec<Listener>,
@@ -99,7 +167,7 @@ struct Endpoint {
     cleanup_dir: Option<PathBuf>,
 }
 
-fn listen(opts: &Options) -> Result<Endpoint, String> {
+fn listen(opts: &Options, tls: &uri::Tls<'_>) -> Result<Endpoint, String> {
     let export = opts.exportname.clone().unwrap_or_default();
     let unix = match opts.unix.as_deref() {
         Some(u) => Some(u.to_string()),
@@ -116,7 +184,7 @@ fn listen(opts: &Options) -> Result<Endpoint, String> {
         };
         let l = std::os::unix::net::UnixListener::bind(&path)
             .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-        let uri = uri::unix(&export, &path);
+        let uri = uri::unix(&export, &path, tls);
         return Ok(Endpoint {
             listeners: vec![Listener::Unix(l)],
             uri,
@@ -158,7 +226,7 @@ fn listen(opts: &Options) -> Result<Endpoint, String> {
         return Err(format!("cannot listen on port {port}: {}", errors.join("; ")));
     }
     let host = opts.ipaddr.clone().unwrap_or_else(|| "localhost".to_string());
-    let uri = uri::tcp(&export, &host, port);
+    let uri = uri::tcp(&export, &host, port, tls);
     Ok(Endpoint { listeners, uri, port: Some(port), unix: None, cleanup_dir: None })
 }
 
@@ -203,12 +271,14 @@ fn run(opts: Options) -> Result<ExitCode, String> {
         return Err("no backend given (try 'blocksmith --help')".to_string());
     };
     let stack = build_stack(&opts, &backend_name).map_err(|e| e.to_string())?;
+    let tls = tls_setup(&opts)?;
 
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut conn = ConnConfig { oldstyle: opts.oldstyle, ..ConnConfig::default() };
     if let Some(t) = opts.timeout {
         conn.handshake_timeout = if t.is_zero() { None } else { Some(t) };
     }
+    conn.tls = tls.policy;
     conn.structured_replies = !opts.no_sr;
     conn.meta_contexts = !opts.no_mc;
     if let Some(m) = opts.mask_handshake {
@@ -224,12 +294,19 @@ fn run(opts: Options) -> Result<ExitCode, String> {
             2 * conn.max_request as usize
         ));
     }
+    if tls.policy != TlsPolicy::Off && memory_limit < tls::SESSION_BUDGET_BYTES {
+        return Err(format!(
+            "--memory-limit must be at least {} bytes with TLS: each TLS session reserves that much",
+            tls::SESSION_BUDGET_BYTES
+        ));
+    }
     let cfg = ServerConfig {
         conn,
         loops: opts.threads.unwrap_or(cores),
         io_threads: opts.io_threads.unwrap_or(limits::DEFAULT_IO_THREADS),
         memory_limit,
         readonly: opts.readonly,
+        tls: tls.creds.clone(),
     };
     log::debug!(
         "{} event loop(s), {} blocking IO thread(s), memory limit {} bytes",
@@ -249,7 +326,7 @@ fn run(opts: Options) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    let ep = listen(&opts)?;
+    let ep = listen(&opts, &tls.uri_hint())?;
     if opts.print_uri {
         println!("{}", ep.uri);
     }
@@ -277,7 +354,8 @@ fn run(opts: Options) -> Result<ExitCode, String> {
 
     let mut code = ExitCode::SUCCESS;
     if let Some(cmd) = &opts.run {
-        code = run_captive(cmd, &uri, port, unix.as_deref(), opts.exportname.as_deref().unwrap_or(""));
+        let export = opts.exportname.as_deref().unwrap_or("");
+        code = run_captive(cmd, &uri, port, unix.as_deref(), export, &tls);
         shutdown.shutdown();
     }
     let served = server.join();
@@ -297,12 +375,18 @@ fn run_captive(
     cmd: &str,
     uri: &str,
     port: Option<u16>,
-    unix: Option<&std::path::Path>,
+    unix: Option<&Path>,
     export: &str,
+    tls: &TlsSetup,
 ) -> ExitCode {
     let mut c = std::process::Command::new("/bin/sh");
     c.arg("-c").arg(cmd);
-    c.env("uri", uri).env("nbd", uri).env("exportname", export).env("tls", "0");
+    c.env("uri", uri).env("nbd", uri).env("exportname", export);
+    // nbdkit's TLS variables: the policy as 0/1/2 and where the client's credentials are.
+    c.env("tls", tls.policy.as_number().to_string());
+    let path_env = |p: Option<&PathBuf>| p.map(|p| p.display().to_string()).unwrap_or_default();
+    c.env("tls_certificates", path_env(tls.certificates.as_ref()));
+    c.env("tls_psk", path_env(tls.psk.as_ref().map(|(f, _)| f)));
     c.env("port", port.map(|p| p.to_string()).unwrap_or_default());
     c.env("unixsocket", unix.map(|p| p.display().to_string()).unwrap_or_default());
     match c.status() {

@@ -12,6 +12,7 @@
 //! - [`limits`]: every bound, as a named constant.
 //! - [`config`]: parameter parsing shared by every backend and filter.
 //! - [`control`]: server-wide state layers may act on (shutdown, connection count).
+//! - [`tls`]: STARTTLS sessions (rustls certificates, OpenSSL pre-shared keys), sans IO.
 
 pub mod budget;
 pub mod config;
@@ -23,5 +24,6 @@ pub mod layer;
 pub mod limits;
 pub mod proto;
 pub mod sched;
+pub mod tls;
 
 pub use error::{ConfigError, NbdError};

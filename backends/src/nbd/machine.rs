@@ -170,11 +170,19 @@ enum Phase {
     /// The rest of an oldstyle greeting.
     Oldstyle,
     /// An option reply header for `opt` (20 bytes).
-    OptionHeader { opt: u32 },
+    OptionHeader {
+        opt: u32,
+    },
     /// Its payload.
-    OptionPayload { opt: u32, reply_type: u32, len: usize },
+    OptionPayload {
+        opt: u32,
+        reply_type: u32,
+        len: usize,
+    },
     /// The NBD_OPT_EXPORT_NAME answer (10 bytes, plus 124 zeroes without NO_ZEROES).
-    ExportName { len: usize },
+    ExportName {
+        len: usize,
+    },
     Ready(Rx),
     /// A fatal error happened; nothing more is read.
     Dead,
@@ -433,7 +441,9 @@ impl<T> Machine<T> {
                 }
                 let len = h.len as usize;
                 if len > MAX_OPTION_REPLY {
-                    return fatal(format!("option reply of {len} bytes (at most {MAX_OPTION_REPLY} accepted)"));
+                    return fatal(format!(
+                        "option reply of {len} bytes (at most {MAX_OPTION_REPLY} accepted)"
+                    ));
                 }
                 if h.reply_type == REP_ACK && len != 0 {
                     return fatal(format!("NBD_REP_ACK with {len} bytes of data"));
@@ -586,20 +596,14 @@ impl<T> Machine<T> {
                     }
                 }
             }
-            Rx::SimpleData { cookie, at } => {
-                let Some(p) = self.pending.get_mut(&cookie) else {
+            Rx::SimpleData { .. } | Rx::Data { .. } => {
+                let Some(dst) = self.data_target() else {
                     return fatal("internal: read reply lost its request");
                 };
-                let n = (p.buf.len() - at).min(input.len());
-                p.buf[at..at + n].copy_from_slice(&input[..n]);
+                let n = dst.len().min(input.len());
+                dst[..n].copy_from_slice(&input[..n]);
                 *input = &input[n..];
-                if at + n == p.buf.len() {
-                    p.covered = p.len;
-                    self.complete(cookie);
-                    self.phase = Phase::Ready(Rx::Magic);
-                } else {
-                    self.phase = Phase::Ready(Rx::SimpleData { cookie, at: at + n });
-                }
+                self.data_received(n);
             }
             Rx::Payload(h) => {
                 if fill(&mut self.acc, h.len as usize, input) {
@@ -635,24 +639,51 @@ impl<T> Machine<T> {
                 let last = h.flags & REPLY_FLAG_DONE != 0;
                 self.phase = Phase::Ready(Rx::Data { cookie: h.cookie, at, end, last });
             }
-            Rx::Data { cookie, at, end, last } => {
-                let Some(p) = self.pending.get_mut(&cookie) else {
-                    return fatal("internal: data chunk lost its request");
-                };
-                let n = (end - at).min(input.len());
-                p.buf[at..at + n].copy_from_slice(&input[..n]);
-                *input = &input[n..];
-                if at + n == end {
+        }
+        Ok(())
+    }
+
+    /// While READ data is expected: where the next bytes go (never empty). The driver may read
+    /// from the socket straight into it, then call [`Machine::data_received`], which saves a
+    /// copy of every large read.
+    pub fn data_target(&mut self) -> Option<&mut [u8]> {
+        let (cookie, at, end) = match self.phase {
+            Phase::Ready(Rx::SimpleData { cookie, at }) => (cookie, at, None),
+            Phase::Ready(Rx::Data { cookie, at, end, .. }) => (cookie, at, Some(end)),
+            _ => return None,
+        };
+        let p = self.pending.get_mut(&cookie)?;
+        let end = end.unwrap_or(p.buf.len());
+        p.buf.get_mut(at..end)
+    }
+
+    /// `n` bytes (at most the length of [`Machine::data_target`]) were put there.
+    pub fn data_received(&mut self, n: usize) {
+        match self.phase {
+            Phase::Ready(Rx::SimpleData { cookie, at }) => {
+                let Some(p) = self.pending.get_mut(&cookie) else { return };
+                let at = at + n;
+                if at >= p.buf.len() {
+                    p.covered = p.len;
+                    self.phase = Phase::Ready(Rx::Magic);
+                    self.complete(cookie);
+                } else {
+                    self.phase = Phase::Ready(Rx::SimpleData { cookie, at });
+                }
+            }
+            Phase::Ready(Rx::Data { cookie, at, end, last }) => {
+                let at = at + n;
+                if at >= end {
                     self.phase = Phase::Ready(Rx::Magic);
                     if last {
                         self.complete(cookie);
                     }
                 } else {
-                    self.phase = Phase::Ready(Rx::Data { cookie, at: at + n, end, last });
+                    self.phase = Phase::Ready(Rx::Data { cookie, at, end, last });
                 }
             }
+            _ => {}
         }
-        Ok(())
     }
 
     fn simple_reply(&mut self, error: u32, cookie: u64) -> Result<(), Fatal> {
@@ -715,9 +746,13 @@ impl<T> Machine<T> {
                 }
                 let (off, len) = parse_offset_hole(payload).map_err(|e| Fatal(e.0))?;
                 let len = u64::from(len);
-                let start = off.checked_sub(p.offset).filter(|s| s.checked_add(len).is_some_and(|e| e <= p.len));
+                let start =
+                    off.checked_sub(p.offset).filter(|s| s.checked_add(len).is_some_and(|e| e <= p.len));
                 let Some(start) = start else {
-                    return fatal(format!("hole [{off}, +{len}) outside its request [{}, +{})", p.offset, p.len));
+                    return fatal(format!(
+                        "hole [{off}, +{len}) outside its request [{}, +{})",
+                        p.offset, p.len
+                    ));
                 };
                 p.buf[start as usize..(start + len) as usize].fill(0);
                 p.covered = p.covered.saturating_add(len);

@@ -14,6 +14,10 @@
 //! - Arm a timer for [`Conn::poll_deadline`] and call [`Conn::handle_timeout`] when it fires.
 //! - Close the socket when [`Conn::is_aborted`], or when [`Conn::is_finished`] and no output
 //!   remains.
+//! - On `Event::StartTls` (the ACK to NBD_OPT_STARTTLS is queued and the connection reads
+//!   nothing more): write the queued output as plaintext, then put a TLS session between the
+//!   socket and the connection and call [`Conn::handle_tls_started`]. From then on
+//!   `read_buf`/`fill_iovecs` carry the session's plaintext.
 //!
 //! Helpers beyond that contract: [`Conn::wants_process`] (buffered input could be decoded now,
 //! e.g. after `handle_read` stopped at `REQUESTS_PER_TURN`), [`Conn::waiting_for_budget`] (call
@@ -38,6 +42,7 @@ use crate::layer::registry::ExportDesc;
 use crate::layer::{ExportInfo, Extents, Flags};
 use crate::limits;
 use crate::proto::{self, InfoRequest};
+use crate::tls::TlsPolicy;
 
 use output::OutQueue;
 
@@ -62,6 +67,12 @@ pub struct ConnConfig {
     pub extended_headers: bool,
     /// `--mask-handshake`: handshake flags offered (bit 0 FIXED_NEWSTYLE, bit 1 NO_ZEROES).
     pub handshake_flags: u16,
+    /// `--tls`: NOTLS, SELECTIVETLS or FORCEDTLS (checklist §F). The driver must be able to
+    /// start a session whenever this is not `Off`.
+    pub tls: TlsPolicy,
+    /// Budget reserved for each TLS session from STARTTLS until the connection is dropped
+    /// (`tls::SESSION_BUDGET_BYTES`).
+    pub tls_session_budget: usize,
 }
 
 impl Default for ConnConfig {
@@ -78,6 +89,8 @@ impl Default for ConnConfig {
             meta_contexts: true,
             extended_headers: true,
             handshake_flags: 3,
+            tls: TlsPolicy::Off,
+            tls_session_budget: crate::tls::SESSION_BUDGET_BYTES,
         }
     }
 }
@@ -140,6 +153,9 @@ pub enum Event {
     ListExports,
     /// Run through the layer stack; answer with [`Conn::handle_result`].
     Request(Request),
+    /// NBD_OPT_STARTTLS was accepted and its ACK queued. Flush the output as plaintext, then
+    /// start the TLS session and call [`Conn::handle_tls_started`]; nothing is read before.
+    StartTls,
 }
 
 /// The client broke the protocol; the connection is dropped and this is logged.
@@ -165,6 +181,11 @@ pub struct Conn {
     handshake_flags: u16,
     /// The client set C_NO_ZEROES.
     no_zeroes: bool,
+    /// The client set C_FIXED_NEWSTYLE, without which TLS cannot be negotiated (§F item 71).
+    fixed_newstyle: bool,
+    tls: TlsState,
+    /// Budget held for the TLS session, released when the connection is dropped.
+    tls_reserved: usize,
     /// NBD_OPT_STRUCTURED_REPLY was acknowledged.
     structured: bool,
     /// NBD_OPT_EXTENDED_HEADERS was acknowledged (implies structured replies).
@@ -193,6 +214,14 @@ pub struct Conn {
     budget_blocked: bool,
     /// The last `run` stopped at `REQUESTS_PER_TURN` with input left to decode.
     turn_limited: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TlsState {
+    Plain,
+    /// STARTTLS acknowledged; waiting for the driver to start the session. Nothing is read.
+    Starting,
+    Active,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,6 +296,10 @@ impl InBuf {
     }
     fn is_empty(&self) -> bool {
         self.start == self.end
+    }
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
     }
     fn consume(&mut self, n: usize) {
         debug_assert!(n <= self.end - self.start);
@@ -358,6 +391,9 @@ impl Conn {
             events: VecDeque::new(),
             handshake_flags,
             no_zeroes: false,
+            fixed_newstyle: false,
+            tls: TlsState::Plain,
+            tls_reserved: 0,
             structured: false,
             extended: false,
             meta_export: None,
@@ -436,7 +472,7 @@ impl Conn {
     }
 
     pub fn wants_read(&self) -> bool {
-        if self.is_dead() {
+        if self.is_dead() || self.tls == TlsState::Starting {
             return false;
         }
         match self.instate {
@@ -552,6 +588,27 @@ impl Conn {
         }
     }
 
+    /// The driver has flushed the STARTTLS ACK and put a TLS session in place: from now on
+    /// every byte in and out is the session's plaintext. Everything negotiated in plaintext is
+    /// forgotten (§F item 76, CVE-2021-3716): structured replies, extended headers, the meta
+    /// context selection; and no plaintext byte received before survives (§F item 77).
+    pub fn handle_tls_started(&mut self) {
+        if self.tls != TlsState::Starting || self.is_dead() {
+            return;
+        }
+        self.tls = TlsState::Active;
+        self.structured = false;
+        self.extended = false;
+        self.meta_export = None;
+        self.inbuf.clear();
+        self.instate = InState::Idle;
+    }
+
+    /// TLS is up on this connection (STARTTLS done).
+    pub fn is_tls(&self) -> bool {
+        self.tls == TlsState::Active
+    }
+
     // ---- public helpers beyond the driver contract ----
 
     /// Why the connection was aborted, for the driver's log line.
@@ -568,7 +625,7 @@ impl Conn {
     /// (in-flight cap, output cap, a pending export, a failed budget reservation) holds it
     /// back. After a budget-blocked request, [`Conn::waiting_for_budget`] says when to retry.
     pub fn wants_process(&self) -> bool {
-        if self.is_dead() || self.inbuf.is_empty() {
+        if self.is_dead() || self.inbuf.is_empty() || self.tls == TlsState::Starting {
             return false;
         }
         match self.phase {
@@ -639,6 +696,9 @@ impl Conn {
 
     /// One step of input processing; false when nothing more can be done now.
     fn step(&mut self, decoded: &mut usize) -> bool {
+        if self.tls == TlsState::Starting {
+            return false;
+        }
         match &mut self.instate {
             InState::Idle => {}
             InState::OptData { need, data, .. } => {
@@ -769,6 +829,7 @@ impl Drop for Conn {
         for s in self.slots.v.drain(..).flatten() {
             self.budget.release(s.reserved);
         }
+        self.budget.release(std::mem::take(&mut self.tls_reserved));
         self.out.clear(&self.budget);
     }
 }

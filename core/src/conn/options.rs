@@ -1,12 +1,13 @@
 //! The handshake: client flags, option haggling, and the way into transmission (EXPORT_NAME,
 //! GO, oldstyle).
 
-use super::{AfterSkip, Conn, Event, Export, InState, Pending, Phase};
+use super::{AfterSkip, Conn, Event, Export, InState, Pending, Phase, TlsState};
 use crate::error::NbdError;
 use crate::layer::registry::ExportDesc;
 use crate::layer::{ExportInfo, Support};
 use crate::limits;
 use crate::proto::*;
+use crate::tls::TlsPolicy;
 
 /// Largest INFO/GO data that can be valid: name length, a 4096-byte name, the count and 65535
 /// info requests. Anything longer is malformed and skipped rather than buffered.
@@ -37,6 +38,12 @@ impl Conn {
             ));
         }
         self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+        self.fixed_newstyle = flags & FLAG_C_FIXED_NEWSTYLE != 0;
+        if self.cfg.tls == TlsPolicy::Require && !self.fixed_newstyle {
+            // Without fixed newstyle there is no STARTTLS (§F item 71), so nothing this client
+            // can send would be served.
+            return self.abort("TLS is required, and the client did not set C_FIXED_NEWSTYLE".into());
+        }
         self.phase = Phase::Options;
     }
 
@@ -52,9 +59,14 @@ impl Conn {
             ));
         }
         let (code, len) = (h.code, h.len);
+        // FORCEDTLS before TLS (§F item 73): only ABORT and STARTTLS are served.
+        let tls_required = self.cfg.tls == TlsPolicy::Require && self.tls != TlsState::Active;
         match code {
             OPT_EXPORT_NAME => {
                 // This option has no error reply: every failure is a hard disconnect.
+                if tls_required {
+                    return self.abort("NBD_OPT_EXPORT_NAME before STARTTLS, and TLS is required".into());
+                }
                 if self.extended {
                     return self.abort("NBD_OPT_EXPORT_NAME after extended headers were negotiated".into());
                 }
@@ -75,23 +87,19 @@ impl Conn {
             _ if self.shutting_down => {
                 self.skip_then_reply(code, len, REP_ERR_SHUTDOWN, "server is shutting down")
             }
+            OPT_STARTTLS => self.starttls(len),
+            _ if tls_required => self.skip_then_reply(
+                code,
+                len,
+                REP_ERR_TLS_REQD,
+                "TLS is required: negotiate NBD_OPT_STARTTLS first",
+            ),
             OPT_LIST => {
                 if len != 0 {
                     return self.skip_then_reply(code, len, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
                 }
                 self.pending = Some(Pending::List);
                 self.events.push_back(Event::ListExports);
-            }
-            OPT_STARTTLS => {
-                if len != 0 {
-                    return self.skip_then_reply(
-                        code,
-                        len,
-                        REP_ERR_INVALID,
-                        "NBD_OPT_STARTTLS takes no data",
-                    );
-                }
-                self.opt_reply(code, REP_ERR_POLICY, "TLS is not available on this server");
             }
             OPT_INFO | OPT_GO => {
                 if len > MAX_INFO_DATA {
@@ -150,6 +158,40 @@ impl Conn {
             }
             _ => self.skip_then_reply(code, len, REP_ERR_UNSUP, &format!("option {code} is not supported")),
         }
+    }
+
+    /// NBD_OPT_STARTTLS (§F items 72 and 75).
+    fn starttls(&mut self, len: u32) {
+        let code = OPT_STARTTLS;
+        if len != 0 {
+            return self.skip_then_reply(code, len, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+        }
+        if self.cfg.tls == TlsPolicy::Off || !self.fixed_newstyle {
+            return self.opt_reply(code, REP_ERR_POLICY, "TLS is not available on this server");
+        }
+        if self.tls == TlsState::Active {
+            return self.opt_reply(code, REP_ERR_INVALID, "TLS is already active");
+        }
+        let cost = self.cfg.tls_session_budget;
+        if !self.budget.try_reserve(cost) {
+            return self.opt_reply(
+                code,
+                REP_ERR_POLICY,
+                "the server has no memory left for another TLS session (--memory-limit); try later",
+            );
+        }
+        self.tls_reserved = cost;
+        // Whatever is buffered behind the request was sent before the client could have seen
+        // our ACK, so it is not the TLS handshake: a man in the middle injecting plaintext
+        // (§F item 77, the STARTTLS buffering bug class). It is never acted on; the connection
+        // is dropped.
+        if !self.inbuf.is_empty() {
+            let n = self.inbuf.pending().len();
+            return self.abort(format!("{n} plaintext bytes pipelined after NBD_OPT_STARTTLS"));
+        }
+        self.opt_reply(code, REP_ACK, "");
+        self.tls = TlsState::Starting;
+        self.events.push_back(Event::StartTls);
     }
 
     /// Buffer `len` bytes of option data (already checked against the option's own limit), then

@@ -8,6 +8,13 @@
 //! Layer completions never re-enter the driver: they push onto the loop's completion queue,
 //! which the loop drains between steps. That keeps a synchronous completion (RAM) and a late one
 //! (a timer, the blocking pool) on the same path.
+//!
+//! TLS: after NBD_OPT_STARTTLS the driver flushes the plaintext ACK, then puts a
+//! [`TlsSession`] between the socket and the `Conn` (ciphertext in → plaintext into
+//! `Conn::read_buf`; `Conn::fill_iovecs` → session → ciphertext out). Sessions are sans IO like
+//! `Conn`, so the same readiness contract applies and nothing ever waits on a handshake; a
+//! client that stalls mid-handshake is dropped at the connection's handshake deadline. Without
+//! STARTTLS the zero-copy plaintext path is unchanged.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -29,6 +36,7 @@ use crate::control::ServerControl;
 use crate::error::NbdError;
 use crate::layer::{Done, Layer, OpenCx, Stack};
 use crate::sched::Sched;
+use crate::tls::{ServerTls, TlsSession};
 
 const WAKER: Token = super::reactor::WAKER_TOKEN;
 const FIRST_LISTENER: usize = 1;
@@ -58,6 +66,8 @@ pub struct ServerConfig {
     pub memory_limit: usize,
     /// `-r`.
     pub readonly: bool,
+    /// Credentials for STARTTLS; required when `conn.tls` is not `Off`.
+    pub tls: Option<ServerTls>,
 }
 
 /// What to serve on.
@@ -152,7 +162,22 @@ struct Slot {
     /// deadline passes), so unread request bytes do not turn our close into a reset that could
     /// destroy the last replies in flight to the client.
     lingering: Option<Instant>,
+    /// The TLS session after STARTTLS.
+    tls: Option<TlsLink>,
 }
+
+struct TlsLink {
+    session: Box<dyn TlsSession>,
+    /// The plaintext ACK has been written and the session now carries every byte.
+    active: bool,
+    /// The handshake has completed (and was logged).
+    established: bool,
+    /// close_notify has been queued.
+    notify_sent: bool,
+}
+
+/// The connection must be closed now (the reason has been logged).
+struct Closed;
 
 struct Loop {
     poll: Poll,
@@ -258,6 +283,7 @@ impl Loop {
             deadline: None,
             read_eof: false,
             lingering: None,
+            tls: None,
         });
         self.enqueue(key);
         Ok(())
@@ -509,30 +535,10 @@ impl Loop {
         }
         {
             let Some(s) = self.conns.get_mut(key) else { return };
-            for _ in 0..READS_PER_PASS {
-                if !s.readable || s.read_eof || !s.conn.wants_read() {
-                    break;
-                }
-                let buf = s.conn.read_buf();
-                if buf.is_empty() {
-                    break;
-                }
-                match s.io.read(buf) {
-                    Ok(0) => {
-                        s.read_eof = true;
-                        s.conn.handle_read(0, now);
-                    }
-                    Ok(n) => s.conn.handle_read(n, now),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.readable = false,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        log::debug!("connection {}: read: {e}", s.id);
-                        return self.close(key, false);
-                    }
-                }
-            }
-            if s.readable && !s.read_eof && s.conn.wants_read() {
-                more = true;
+            let read = if s.tls_active() { s.read_tls(now) } else { s.read_plain(now) };
+            match read {
+                Ok(m) => more |= m,
+                Err(Closed) => return self.close(key, false),
             }
             if s.conn.process(now) {
                 more = true;
@@ -542,28 +548,19 @@ impl Loop {
         self.drain_completions();
         let Some(s) = self.conns.get_mut(key) else { return };
         // Write what is queued.
-        let mut wrote = false;
-        while s.writable && s.conn.has_output() {
-            let mut iov = [IoSlice::new(&[]); 64];
-            let n = s.conn.fill_iovecs(&mut iov);
-            if n == 0 {
-                break;
-            }
-            match s.io.write_vectored(&iov[..n]) {
-                Ok(0) => {
-                    s.writable = false;
-                    break;
-                }
-                Ok(w) => {
-                    wrote = true;
-                    s.conn.handle_written(w)
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.writable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    log::debug!("connection {}: write: {e}", s.id);
-                    return self.close(key, false);
-                }
+        let written = if s.tls_active() { s.write_tls() } else { s.write_plain() };
+        let mut wrote = match written {
+            Ok(w) => w,
+            Err(Closed) => return self.close(key, false),
+        };
+        // STARTTLS: once its ACK has gone out in plaintext, the session takes over the socket.
+        if let Some(link) = s.tls.as_mut() {
+            if !link.active && !s.conn.has_output() && !s.conn.is_aborted() {
+                link.active = true;
+                s.conn.handle_tls_started();
+                log::debug!("connection {}: STARTTLS acknowledged, TLS handshake starts", s.id);
+                // The client's ClientHello may already be waiting: come back to read it.
+                wrote = true;
             }
         }
         if s.conn.is_aborted() {
@@ -573,6 +570,21 @@ impl Loop {
             return self.close(key, false);
         }
         if s.conn.is_finished() && !s.conn.has_output() && (s.conn.in_flight() == 0 || s.read_eof) {
+            if s.tls_active() {
+                // The last replies may still be ciphertext inside the session: end the session
+                // properly (close_notify) and let it all drain before closing.
+                if let Some(link) = s.tls.as_mut().filter(|l| !l.notify_sent) {
+                    link.notify_sent = true;
+                    link.session.send_close_notify();
+                }
+                if s.write_tls().is_err() {
+                    return self.close(key, false);
+                }
+                if s.tls.as_ref().is_some_and(|l| l.session.wants_write()) {
+                    // The writable event brings us back.
+                    return;
+                }
+            }
             if s.read_eof {
                 return self.close(key, true);
             }
@@ -640,11 +652,22 @@ impl Loop {
                     s.conn.handle_export_list(list);
                 }
                 Event::OpenExport { name, probe } => {
+                    let (is_tls, tls_subject) = match &s.tls {
+                        Some(l) if l.active => (true, l.session.peer_subject()),
+                        _ => (false, None),
+                    };
+                    if is_tls {
+                        log::debug!(
+                            "connection {}: opening export {name:?} over TLS, client certificate {}",
+                            s.id,
+                            tls_subject.as_deref().unwrap_or("(none)")
+                        );
+                    }
                     let cx = OpenCx {
                         export_name: name,
                         readonly: self.cfg.readonly,
-                        is_tls: false,
-                        tls_subject: None,
+                        is_tls,
+                        tls_subject,
                         peer: s.peer.clone(),
                         conn_id: s.id,
                         sched: self.sched.clone(),
@@ -662,6 +685,11 @@ impl Loop {
                     Some(layer) => start_request(&layer, req, key, gen, &self.completions),
                     None => s.conn.handle_result(req.id, Err(NbdError::io("no export is open"))),
                 },
+                Event::StartTls => {
+                    if s.begin_tls(self.cfg.tls.as_ref()).is_err() {
+                        return self.close(key, false);
+                    }
+                }
             }
         }
     }
@@ -685,6 +713,227 @@ impl Loop {
         if self.accept_paused {
             *self.accept_retry.borrow_mut() = true;
         }
+    }
+}
+
+impl Slot {
+    fn tls_active(&self) -> bool {
+        self.tls.as_ref().is_some_and(|l| l.active)
+    }
+
+    /// Socket bytes straight into the connection's buffers (no TLS).
+    fn read_plain(&mut self, now: Instant) -> Result<bool, Closed> {
+        for _ in 0..READS_PER_PASS {
+            if !self.readable || self.read_eof || !self.conn.wants_read() {
+                break;
+            }
+            let buf = self.conn.read_buf();
+            if buf.is_empty() {
+                break;
+            }
+            match self.io.read(buf) {
+                Ok(0) => {
+                    self.read_eof = true;
+                    self.conn.handle_read(0, now);
+                }
+                Ok(n) => self.conn.handle_read(n, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("connection {}: read: {e}", self.id);
+                    return Err(Closed);
+                }
+            }
+        }
+        Ok(self.readable && !self.read_eof && self.conn.wants_read())
+    }
+
+    /// Replies straight from the connection's queue to the socket (no TLS). True when bytes
+    /// were written.
+    fn write_plain(&mut self) -> Result<bool, Closed> {
+        let mut wrote = false;
+        while self.writable && self.conn.has_output() {
+            let mut iov = [IoSlice::new(&[]); 64];
+            let n = self.conn.fill_iovecs(&mut iov);
+            if n == 0 {
+                break;
+            }
+            match self.io.write_vectored(&iov[..n]) {
+                Ok(0) => {
+                    self.writable = false;
+                    break;
+                }
+                Ok(w) => {
+                    wrote = true;
+                    self.conn.handle_written(w)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("connection {}: write: {e}", self.id);
+                    return Err(Closed);
+                }
+            }
+        }
+        Ok(wrote)
+    }
+
+    /// Through the TLS session: decrypted bytes first (the connection is waiting for them),
+    /// then ciphertext from the socket when the session has none. True when it stopped at the
+    /// per-pass limit with more to do.
+    fn read_tls(&mut self, now: Instant) -> Result<bool, Closed> {
+        let Slot { conn, io, tls, readable, read_eof, id, peer, .. } = self;
+        let Some(link) = tls.as_mut() else { return Ok(false) };
+        for _ in 0..READS_PER_PASS {
+            if *read_eof || !conn.wants_read() {
+                return Ok(false);
+            }
+            let buf = conn.read_buf();
+            if buf.is_empty() {
+                return Ok(false);
+            }
+            match link.session.read_plain(buf) {
+                Ok(0) => {
+                    // close_notify: a clean end of the client's input.
+                    *read_eof = true;
+                    conn.handle_read(0, now);
+                    return Ok(false);
+                }
+                Ok(n) => {
+                    conn.handle_read(n, now);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    // The socket closed without close_notify: for NBD just an EOF (the protocol
+                    // has its own end markers), as nbdkit treats it.
+                    *read_eof = true;
+                    conn.handle_read(0, now);
+                    return Ok(false);
+                }
+                Err(e) => {
+                    log::warn!("connection {id} from {peer}: TLS: {e}; disconnecting");
+                    return Err(Closed);
+                }
+            }
+            // Nothing decrypted: bring in ciphertext. While handshake records wait to be sent
+            // the session wants none; the write phase flushes them and brings us back.
+            if !*readable || !link.session.wants_read() {
+                return Ok(false);
+            }
+            match link.session.read_tls(io) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    *readable = false;
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::debug!("connection {id}: read: {e}");
+                    return Err(Closed);
+                }
+            }
+            if let Err(e) = link.session.process() {
+                let what = if link.established { "TLS error" } else { "TLS handshake failed" };
+                log::warn!("connection {id} from {peer}: {what}: {e}; disconnecting");
+                // The alert the session queued, best effort: the client learns why.
+                let _ = link.session.write_tls(io);
+                return Err(Closed);
+            }
+            if !link.established && !link.session.is_handshaking() {
+                link.established = true;
+                log::debug!("connection {id} from {peer}: TLS established: {}", link.session.describe());
+            }
+        }
+        Ok(conn.wants_read() && !*read_eof)
+    }
+
+    /// Replies into the session (bounded by its buffer), ciphertext out to the socket, until
+    /// one of them is full. True when anything moved.
+    fn write_tls(&mut self) -> Result<bool, Closed> {
+        let Slot { conn, io, tls, writable, id, peer, .. } = self;
+        let Some(link) = tls.as_mut() else { return Ok(false) };
+        let mut wrote = false;
+        loop {
+            while conn.has_output() {
+                let mut iov = [IoSlice::new(&[]); 64];
+                let n = conn.fill_iovecs(&mut iov);
+                if n == 0 {
+                    break;
+                }
+                match link.session.write_plain(&iov[..n]) {
+                    Ok(0) => break,
+                    Ok(w) => {
+                        conn.handle_written(w);
+                        wrote = true;
+                    }
+                    Err(e) => {
+                        log::warn!("connection {id} from {peer}: TLS: {e}; disconnecting");
+                        return Err(Closed);
+                    }
+                }
+            }
+            if !*writable || !link.session.wants_write() {
+                return Ok(wrote);
+            }
+            match link.session.write_tls(io) {
+                Ok(0) => {
+                    *writable = false;
+                    return Ok(wrote);
+                }
+                Ok(_) => wrote = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    *writable = false;
+                    return Ok(wrote);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("connection {id}: write: {e}");
+                    return Err(Closed);
+                }
+            }
+        }
+    }
+
+    /// `Event::StartTls`: make the session. It joins the byte path once the ACK is written.
+    fn begin_tls(&mut self, creds: Option<&ServerTls>) -> Result<(), Closed> {
+        let Some(creds) = creds else {
+            log::error!("connection {}: STARTTLS accepted but no TLS credentials are loaded", self.id);
+            return Err(Closed);
+        };
+        let session = creds.new_session().map_err(|e| {
+            log::warn!("connection {} from {}: cannot start TLS: {e}", self.id, self.peer);
+            Closed
+        })?;
+        // The ACK has not been written yet, so the client cannot have started its handshake:
+        // any byte already in the socket is injected plaintext (checklist §F item 77). The
+        // connection has already dropped any it had buffered; this catches what the kernel
+        // holds. Bytes arriving later go to the TLS engine, which rejects them.
+        let mut probe = [0u8; 1];
+        match self.io.read(&mut probe) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+            // Not checked this time; such bytes still meet the TLS engine, never the options.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(0) => {
+                log::debug!("connection {}: client closed after STARTTLS", self.id);
+                return Err(Closed);
+            }
+            Ok(_) => {
+                log::warn!(
+                    "connection {} from {}: plaintext sent after NBD_OPT_STARTTLS before its reply; \
+                     disconnecting",
+                    self.id,
+                    self.peer
+                );
+                return Err(Closed);
+            }
+            Err(e) => {
+                log::debug!("connection {}: read: {e}", self.id);
+                return Err(Closed);
+            }
+        }
+        self.tls = Some(TlsLink { session, active: false, established: false, notify_sent: false });
+        Ok(())
     }
 }
 

@@ -92,3 +92,23 @@ impl Transport {
         };
     }
 }
+
+/// The socket as a byte stream, for TLS sessions that read ciphertext from it and write
+/// ciphertext to it (`tls::TlsSession::read_tls`/`write_tls`).
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Transport::read(self, buf)
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        Transport::write_vectored(self, bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

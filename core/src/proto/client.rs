@@ -283,7 +283,7 @@ pub fn decode_data_offset(b: &[u8; 8]) -> u64 {
 /// A BLOCK_STATUS payload (32-bit form): context id and (length, flags) descriptors. The vector
 /// is sized from the bytes present, never from a declared count.
 pub fn parse_block_status(payload: &[u8]) -> Result<(u32, Vec<(u32, u32)>), Malformed> {
-    if payload.len() < 12 || (payload.len() - 4) % 8 != 0 {
+    if payload.len() < 12 || payload.len() % 8 != 4 {
         return Err(malformed(format!(
             "NBD_REPLY_TYPE_BLOCK_STATUS of {} bytes (must be 4 + 8n, n >= 1)",
             payload.len()

@@ -59,6 +59,8 @@ pub struct H {
     pub ext: bool,
     /// Replies are structured chunks (SR or EXT negotiated).
     pub structured: bool,
+    /// `Event::StartTls` seen.
+    pub tls_starts: usize,
 }
 
 impl H {
@@ -106,6 +108,7 @@ impl H {
             rx: Vec::new(),
             ext: false,
             structured: false,
+            tls_starts: 0,
         }
     }
 
@@ -190,6 +193,7 @@ impl H {
                         self.conn.handle_export_list(l);
                     }
                 }
+                Event::StartTls => self.tls_starts += 1,
                 Event::Request(r) => {
                     let (name, count) = match &r.op {
                         Op::Read { buf } => ("read", buf.len() as u64),
@@ -374,6 +378,23 @@ impl H {
         let (o, t, d) = self.opt_reply();
         assert_eq!((o, t), (code, want), "reply to option {code}: {:?}", String::from_utf8_lossy(&d));
         d
+    }
+
+    /// What a driver does after `Event::StartTls` once the ACK is out: the session is in
+    /// place. From here the harness's bytes stand for the session's plaintext.
+    pub fn tls_started(&mut self) {
+        assert_eq!(self.tls_starts, 1, "Event::StartTls expected once");
+        assert!(!self.conn.has_output(), "the ACK must be flushed before TLS starts");
+        self.conn.handle_tls_started();
+        self.settle();
+    }
+
+    /// STARTTLS, its ACK, and the session in place; replies are simple again.
+    pub fn starttls(&mut self) {
+        self.opt_expect(OPT_STARTTLS, &[], REP_ACK);
+        self.tls_started();
+        self.structured = false;
+        self.ext = false;
     }
 
     pub fn negotiate_sr(&mut self) {

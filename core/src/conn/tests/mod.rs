@@ -3,5 +3,6 @@
 mod garbage;
 mod handshake;
 mod harness;
+mod tls;
 mod transmission;
 mod units;
