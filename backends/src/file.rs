@@ -21,11 +21,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use blocksmith_core::config::Params;
 use blocksmith_core::error::Errno;
+use blocksmith_core::io::uring;
 use blocksmith_core::layer::{
     BackendFactory, BackendSpec, Done, ExportInfo, Extents, Flags, Layer, OpenCx, ParamSpec, Support,
     EXTENT_HOLE, EXTENT_ZERO,
 };
-use blocksmith_core::io::uring;
 use blocksmith_core::sched::Sched;
 use blocksmith_core::{ConfigError, NbdError};
 

@@ -7,29 +7,56 @@
 //!
 //! Adding a backend = adding a module and a row in [`REGISTRY`].
 
-// `unsafe` is confined to the file backend's system-call wrappers (`file::sys`), which opt back
-// in; each block there must say why it is sound.
+// `unsafe` is confined to system-call wrappers (`file::sys`, `split::sys`, `script::sys`), which opt back in;
+// each block there must say why it is sound.
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 use blocksmith_core::layer::BackendSpec;
 
+pub mod data;
+pub mod eval;
 pub mod file;
 pub mod full;
+pub mod info;
 pub mod memory;
+pub mod nbd;
 pub mod null;
 pub mod ones;
+pub mod partitioning;
 pub mod pattern;
+pub mod random;
+pub mod sh;
+pub mod sparse_random;
+pub mod split;
 pub mod zero;
 
 mod util;
+// Shared machinery of sh and eval; its `sys` submodule opts back in to `unsafe`.
+mod script;
 
 #[cfg(test)]
 mod testutil;
 
 /// Every backend this crate provides, in `--help` listing order.
-static REGISTRY: &[BackendSpec] =
-    &[file::SPEC, full::SPEC, memory::SPEC, null::SPEC, ones::SPEC, pattern::SPEC, zero::SPEC];
+static REGISTRY: &[BackendSpec] = &[
+    data::SPEC,
+    eval::SPEC,
+    file::SPEC,
+    full::SPEC,
+    info::SPEC,
+    memory::SPEC,
+    nbd::SPEC,
+    null::SPEC,
+    ones::SPEC,
+    partitioning::SPEC,
+    pattern::SPEC,
+    random::SPEC,
+    sh::SPEC,
+    sparse_random::SPEC,
+    split::SPEC,
+    zero::SPEC,
+];
 
 /// The backend table the binary looks names up in.
 pub fn registry() -> &'static [BackendSpec] {

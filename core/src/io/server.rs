@@ -499,7 +499,13 @@ impl Loop {
                         }
                     }
                     Completion::Open { key, gen, probe, result } => {
-                        let Some(s) = self.conns.get_mut(key) else { continue };
+                        let Some(s) = self.conns.get_mut(key).filter(|s| s.gen == gen) else {
+                            // The connection went away while its export was opening.
+                            if let Ok(layer) = result {
+                                layer.close();
+                            }
+                            continue;
+                        };
                         if s.gen != gen {
                             if let Ok(layer) = result {
                                 layer.close();
