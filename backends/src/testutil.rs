@@ -53,6 +53,8 @@ pub fn try_open(factory: Arc<dyn BackendFactory>, readonly: bool) -> Result<Conn
         conn_id: 1,
         sched: sim.sched(),
         control: blocksmith_core::control::ServerControl::new(),
+        peer_cred: None,
+        disconnect: Default::default(),
     };
     let stack = Stack::new(("test".into(), factory), vec![]);
     let layer = run(&sim, |d| stack.open(&cx, d))?;

@@ -8,12 +8,12 @@
 //! listener, so these never match) and `dn:SUBJECT`, the exact subject of the client's verified
 //! TLS certificate. An IPv4-mapped IPv6 peer (`::ffff:a.b.c.d`) also matches IPv4 entries.
 //!
-//! Differences from nbdkit: the check happens when the client opens the export (NBD_OPT_GO or
-//! NBD_OPT_INFO), which then fails with EPERM, not when it connects — so a refused client can
-//! still negotiate options and list exports. `pid:`, `uid:` and `gid:` need the peer
-//! credentials of Unix sockets, which blocksmith does not give filters yet; they are refused at
-//! start-up rather than silently never matching (a deny rule that never matches would let in
-//! exactly the client it was meant to keep out).
+//! `pid:N`, `uid:N` and `gid:N` match the credentials of a client on a Unix socket.
+//!
+//! The check runs when the client connects (the server's preconnect hook), before it can
+//! negotiate anything, as nbdkit does. A `dn:` rule can only be decided once TLS is up, so
+//! while one could still let the client in, the decision waits for the export to be opened,
+//! which then fails with EPERM (NBD_REP_ERR_POLICY) for a refused client.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use blocksmith_core::config::Params;
 use blocksmith_core::error::{ConfigError, Errno, NbdError};
-use blocksmith_core::layer::{FilterFactory, FilterSpec, Layer, Next, OpenCx, ParamSpec};
+use blocksmith_core::layer::{FilterFactory, FilterSpec, Layer, Next, OpenCx, ParamSpec, PeerCred};
 
 pub const SPEC: FilterSpec = FilterSpec {
     name: "ip",
@@ -49,6 +49,9 @@ enum Rule {
     V4(Ipv4Addr, u8),
     V6(Ipv6Addr, u8),
     Dn(String),
+    Pid(i32),
+    Uid(u32),
+    Gid(u32),
     /// vsock rules: accepted for compatibility; there are no vsock clients to match.
     Vsock,
 }
@@ -89,13 +92,14 @@ fn parse_rule(key: &str, s: &str) -> Result<Rule, ConfigError> {
     if let Some(dn) = s.strip_prefix("dn:") {
         return if dn.is_empty() { Err(bad("empty TLS subject")) } else { Ok(Rule::Dn(dn.to_string())) };
     }
-    for prefix in ["pid:", "uid:", "gid:"] {
-        if lower.starts_with(prefix) {
-            return Err(bad(
-                "matching Unix socket peer credentials (pid:, uid:, gid:) is not supported yet: \
-                 the server does not pass them to filters",
-            ));
-        }
+    if let Some(n) = lower.strip_prefix("pid:") {
+        return n.parse().map(Rule::Pid).map_err(|_| bad("expected a process id"));
+    }
+    if let Some(n) = lower.strip_prefix("uid:") {
+        return n.parse().map(Rule::Uid).map_err(|_| bad("expected a numeric user id"));
+    }
+    if let Some(n) = lower.strip_prefix("gid:") {
+        return n.parse().map(Rule::Gid).map_err(|_| bad("expected a numeric group id"));
     }
     for prefix in ["vsock-cid:", "vsock-port:"] {
         if let Some(n) = lower.strip_prefix(prefix) {
@@ -129,7 +133,7 @@ fn prefix_match(a: u128, b: u128, len: u8, bits: u8) -> bool {
 }
 
 impl Rule {
-    fn matches(&self, peer: &Peer, tls_subject: Option<&str>) -> bool {
+    fn matches(&self, peer: &Peer, cred: Option<PeerCred>, tls_subject: Option<&str>) -> bool {
         let v4 = |ip: &IpAddr| match ip {
             IpAddr::V4(a) => Some(*a),
             IpAddr::V6(a) => a.to_ipv4_mapped(),
@@ -146,6 +150,9 @@ impl Rule {
                 prefix_match(u128::from(*a), u128::from(*net), *len, 128)
             }
             (Rule::Dn(dn), _) => tls_subject == Some(dn.as_str()),
+            (Rule::Pid(p), _) => cred.is_some_and(|c| c.pid == *p),
+            (Rule::Uid(u), _) => cred.is_some_and(|c| c.uid == *u),
+            (Rule::Gid(g), _) => cred.is_some_and(|c| c.gid == *g),
             _ => false,
         }
     }
@@ -173,18 +180,36 @@ struct IpFactory {
 }
 
 impl IpFactory {
-    fn permitted(&self, peer: &str, tls_subject: Option<&str>) -> bool {
+    fn permitted_as(&self, peer: &str, cred: Option<PeerCred>, tls_subject: Option<&str>) -> bool {
         let p = parse_peer(peer);
-        if self.allow.iter().any(|r| r.matches(&p, tls_subject)) {
+        if self.allow.iter().any(|r| r.matches(&p, cred, tls_subject)) {
             return true;
         }
-        !self.deny.iter().any(|r| r.matches(&p, tls_subject))
+        !self.deny.iter().any(|r| r.matches(&p, cred, tls_subject))
+    }
+
+    #[cfg(test)]
+    fn permitted(&self, peer: &str, tls_subject: Option<&str>) -> bool {
+        self.permitted_as(peer, None, tls_subject)
+    }
+
+    /// Whether a TLS subject could still change the verdict (an allow rule naming one).
+    fn waits_for_tls(&self) -> bool {
+        self.allow.iter().any(|r| matches!(r, Rule::Dn(_)))
     }
 }
 
 impl FilterFactory for IpFactory {
+    fn preconnect(&self, peer: &blocksmith_core::layer::Peer) -> Result<(), NbdError> {
+        if self.waits_for_tls() || self.permitted_as(&peer.addr, peer.cred, None) {
+            Ok(())
+        } else {
+            Err(NbdError::msg(Errno::Perm, format!("ip: client {} is not permitted", peer.addr)))
+        }
+    }
+
     fn open(&self, cx: &OpenCx, next: Next) -> Result<Rc<dyn Layer>, NbdError> {
-        if self.permitted(&cx.peer, cx.tls_subject.as_deref()) {
+        if self.permitted_as(&cx.peer, cx.peer_cred, cx.tls_subject.as_deref()) {
             Ok(next)
         } else {
             ::log::info!("ip: client {} (connection {}) denied", cx.peer, cx.conn_id);
@@ -223,6 +248,23 @@ mod tests {
     }
 
     #[test]
+    fn unix_credentials_and_preconnect() {
+        let me = PeerCred { pid: 42, uid: 1000, gid: 100 };
+        let f = factory(&[("allow", "uid:1000"), ("deny", "anyunix")]);
+        assert!(f.permitted_as("unix", Some(me), None));
+        assert!(!f.permitted_as("unix", Some(PeerCred { uid: 0, ..me }), None));
+        let peer = |cred| blocksmith_core::layer::Peer { addr: "unix".into(), cred, ..Default::default() };
+        assert!(f.preconnect(&peer(Some(me))).is_ok());
+        assert_eq!(f.preconnect(&peer(None)).unwrap_err().errno, Errno::Perm);
+        // A dn: allow rule may still admit the client once TLS is up: decided at open.
+        let f = factory(&[("allow", "dn:CN=good"), ("deny", "all")]);
+        assert!(f.preconnect(&peer(None)).is_ok());
+        let f = factory(&[("deny", "pid:42,gid:7")]);
+        assert!(!f.permitted_as("unix", Some(me), None));
+        assert!(f.permitted_as("unix", Some(PeerCred { pid: 1, ..me }), None));
+    }
+
+    #[test]
     fn keywords_networks_and_subjects() {
         let f = factory(&[("allow", "anyunix"), ("allow", "fe80::/10,dn:CN=good"), ("deny", "any")]);
         assert!(f.permitted("unix", None));
@@ -257,8 +299,8 @@ mod tests {
 
     #[test]
     fn bad_rules_are_rejected() {
-        assert!(make_err(&SPEC, &[("allow", "uid:1000")]).contains("peer credentials"));
-        assert!(make_err(&SPEC, &[("deny", "gid:0")]).contains("not supported"));
+        assert!(make_err(&SPEC, &[("allow", "uid:alice")]).contains("numeric user id"));
+        assert!(make_err(&SPEC, &[("deny", "gid:-1")]).contains("numeric group id"));
         assert!(make_err(&SPEC, &[("deny", "1.2.3.4/33")]).contains("at most 32"));
         assert!(make_err(&SPEC, &[("deny", "example.com")]).contains("not an address"));
         assert!(make_err(&SPEC, &[("allow", "dn:")]).contains("empty"));

@@ -1,9 +1,11 @@
 //! The limit filter (nbdkit-limit-filter): limit how many clients may have the export open at
 //! once (`limit=N`, default 1; 0 means no limit).
 //!
-//! Counted when a client opens the export and released when it closes. A client over the limit
-//! fails to open it (NBD_OPT_GO or NBD_OPT_INFO fail with EPERM and a message); nbdkit instead
-//! drops the connection before the handshake. An NBD_OPT_INFO counts while it is answered.
+//! Counted when a client opens the export and released when it closes. A client that
+//! connects while the limit is reached is closed at once (the server's preconnect hook), as
+//! nbdkit does; one that gets in while another is still negotiating fails to open the export
+//! (NBD_OPT_GO or NBD_OPT_INFO fail with a policy error). An NBD_OPT_INFO counts while it is
+//! answered.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -39,6 +41,17 @@ struct LimitFactory {
 }
 
 impl FilterFactory for LimitFactory {
+    fn preconnect(&self, peer: &blocksmith_core::layer::Peer) -> Result<(), NbdError> {
+        if self.limit > 0 && self.open.load(Ordering::SeqCst) >= self.limit {
+            ::log::info!("limit: client {} rejected at connect", peer.addr);
+            return Err(NbdError::msg(
+                Errno::Perm,
+                format!("limit: too many clients connected (limit={})", self.limit),
+            ));
+        }
+        Ok(())
+    }
+
     fn open(&self, cx: &OpenCx, next: Next) -> Result<Rc<dyn Layer>, NbdError> {
         if self.limit == 0 {
             return Ok(next);

@@ -124,6 +124,8 @@ pub fn cx(sim: &Rc<SimScheduler>) -> OpenCx {
         conn_id: 1,
         sched: sim.sched(),
         control: blocksmith_core::control::ServerControl::new(),
+        peer_cred: None,
+        disconnect: Default::default(),
     }
 }
 

@@ -1,10 +1,8 @@
 //! The time-limit filter (nbdkit-time-limit-filter, nbdkit 1.42): limit how long each client may
 //! stay connected (`time-limit=`, default 60 seconds, from when it opens the export).
 //!
-//! After the limit every request fails with ESHUTDOWN. nbdkit also disconnects the client; a
-//! filter here has no way to close its connection, so a client that ignores the errors stays
-//! connected (idle) until it gives up or the handshake/idle rules of the server apply — as in
-//! nbdkit, where the limit is also only enforced when the client sends a request.
+//! At the limit the client is disconnected, as nbdkit does: requests in flight are answered,
+//! then the connection is closed. A request that slips in meanwhile fails with ESHUTDOWN.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -45,6 +43,15 @@ struct TimeLimitFactory(Duration);
 impl FilterFactory for TimeLimitFactory {
     fn open(&self, cx: &OpenCx, next: Next) -> Result<Rc<dyn Layer>, NbdError> {
         let filter = TimeLimit { deadline: cx.sched.now() + self.0, limit: self.0, sched: cx.sched.clone() };
+        // A timer, so an idle client is dropped too, not only one that sends a request. If the
+        // client has gone by then, the request is ignored.
+        let disconnect = cx.disconnect.clone();
+        let peer = cx.peer.clone();
+        let limit = self.0;
+        cx.sched.after(self.0, move || {
+            ::log::info!("time-limit: client {peer} reached the limit of {limit:?}: disconnecting");
+            disconnect.request(false)
+        });
         Ok(Rc::new(FilterLayer { filter, next }))
     }
 }
@@ -115,15 +122,16 @@ mod tests {
     use blocksmith_core::sched::SimScheduler;
 
     #[test]
-    fn requests_fail_with_eshutdown_after_the_limit() {
+    fn the_client_is_disconnected_at_the_limit() {
         let sim = SimScheduler::new();
-        let top = open(&configure(&SPEC, &[("time-limit", "2s")]), &cx(&sim), Ram::new(4096)).unwrap();
-        wait(&sim, |d| top.pread(vec![0; 10], 0, Flags::NONE, d)).unwrap();
-        sim.sched().after(Duration::from_millis(1999), || {});
+        let c = cx(&sim);
+        let top = open(&configure(&SPEC, &[("time-limit", "2s")]), &c, Ram::new(4096)).unwrap();
+        // Before the limit nobody asked for a disconnect.
+        assert_eq!(c.disconnect.requested(), None);
+        // The limit's timer fires even though the client is idle.
         sim.run_until_idle();
-        wait(&sim, |d| top.flush(Flags::NONE, d)).unwrap();
-        sim.sched().after(Duration::from_millis(1), || {});
-        sim.run_until_idle();
+        assert!(sim.elapsed() >= Duration::from_secs(2));
+        assert_eq!(c.disconnect.requested(), Some(false), "graceful: in-flight requests are answered");
         let e = wait(&sim, |d| top.pread(vec![0; 10], 0, Flags::NONE, d)).unwrap_err();
         assert_eq!(e.errno, Errno::Shutdown);
         assert_eq!(

@@ -13,8 +13,9 @@ use std::sync::Arc;
 
 use blocksmith_core::config::Params;
 use blocksmith_core::error::{ConfigError, NbdError};
+use blocksmith_core::layer::registry::ExportDesc;
 use blocksmith_core::layer::{
-    Done, ExportInfo, FilterFactory, FilterSpec, Flags, Layer, Next, OpenCx, ParamSpec,
+    Done, ExportInfo, FilterFactory, FilterSpec, Flags, Layer, Next, OpenCx, ParamSpec, Peer,
 };
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -58,6 +59,16 @@ impl FilterFactory for Factory {
         // A plaintext client learns nothing about the exports below: whatever it asked for,
         // the layers below open their default.
         Ok(if cx.is_tls { name.to_string() } else { String::new() })
+    }
+
+    fn list_exports_for(&self, peer: &Peer, below: Vec<ExportDesc>) -> Vec<ExportDesc> {
+        // Nor does it see the real export names in a listing: only the default export, which
+        // for it is the readme.
+        if peer.is_tls {
+            below
+        } else {
+            vec![ExportDesc::default_export()]
+        }
     }
 
     fn open(&self, cx: &OpenCx, next: Next) -> Result<Rc<dyn Layer>, NbdError> {

@@ -16,7 +16,9 @@ h1 = handle()
 h1.connect_uri(uri)
 expect(h1.pread(512, 0) == bytes(512), "first client reads")
 
-h2 = handle()
+# The server closes the second connection before the handshake, as nbdkit does: a plain
+# handle, since the strict harness would (rightly) flag an unexpected disconnect as a problem.
+h2 = nbd.NBD()
 try:
     h2.connect_uri(uri)
     fail("a second client was let in with limit=1")

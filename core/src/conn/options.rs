@@ -2,7 +2,7 @@
 //! GO, oldstyle).
 
 use super::{AfterSkip, Conn, Event, Export, InState, Pending, Phase, TlsState};
-use crate::error::NbdError;
+use crate::error::{Errno, NbdError};
 use crate::layer::registry::ExportDesc;
 use crate::layer::{ExportInfo, Support};
 use crate::limits;
@@ -317,7 +317,14 @@ impl Conn {
                     Some(m) => m,
                     None => format!("cannot open export {:?}: {}", req.name, e.errno.name()),
                 };
-                self.opt_reply(code, REP_ERR_UNKNOWN, &msg);
+                // The reply type tells the client why: refused by policy (a filter such as
+                // `ip` or `limit`), the server shutting down, or no such export.
+                let reply = match e.errno {
+                    Errno::Perm => REP_ERR_POLICY,
+                    Errno::Shutdown => REP_ERR_SHUTDOWN,
+                    _ => REP_ERR_UNKNOWN,
+                };
+                self.opt_reply(code, reply, &msg);
             }
             (Pending::List, _) => {}
         }

@@ -84,3 +84,25 @@ pub fn exit_with_parent() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// SO_PEERCRED of a Unix socket: the pid, uid and gid of the process that connected. `None`
+/// for anything that is not a Unix socket.
+pub fn peer_cred(fd: RawFd) -> Option<crate::layer::PeerCred> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a properly sized and aligned
+    // `struct ucred` we own, and updates `len`; a bad or non-socket fd is an error return.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast::<libc::c_void>(),
+            &mut len,
+        )
+    };
+    if r != 0 || len as usize != std::mem::size_of::<libc::ucred>() {
+        return None;
+    }
+    Some(crate::layer::PeerCred { pid: cred.pid, uid: cred.uid, gid: cred.gid })
+}

@@ -34,7 +34,7 @@ use crate::budget::Budget;
 use crate::conn::{Conn, ConnConfig, Event, Op, Outcome, Request, RequestId};
 use crate::control::ServerControl;
 use crate::error::NbdError;
-use crate::layer::{Done, Layer, OpenCx, Stack};
+use crate::layer::{Disconnect, Done, Layer, OpenCx, Peer, PeerCred, Stack};
 use crate::sched::Sched;
 use crate::tls::{ServerTls, TlsSession};
 
@@ -135,7 +135,8 @@ pub fn serve_stdio(cfg: ServerConfig, stack: Stack, shutdown: Arc<ServerControl>
     let budget = Budget::new(cfg.memory_limit);
     let mut lp = Loop::new(cfg, stack, pool, budget, shutdown)?;
     let t = Transport::stdio()?;
-    lp.add_conn(t, "stdin".to_string())?;
+    let cred = t.peer_cred();
+    lp.add_conn(t, "stdin".to_string(), cred)?;
     lp.run(true)
 }
 
@@ -164,6 +165,10 @@ struct Slot {
     lingering: Option<Instant>,
     /// The TLS session after STARTTLS.
     tls: Option<TlsLink>,
+    /// Unix-socket credentials of the client, if it is on one.
+    cred: Option<PeerCred>,
+    /// Set by a layer that wants this client dropped.
+    disconnect: Disconnect,
 }
 
 struct TlsLink {
@@ -260,7 +265,7 @@ impl Loop {
         Ok(())
     }
 
-    fn add_conn(&mut self, mut io: Transport, peer: String) -> io::Result<()> {
+    fn add_conn(&mut self, mut io: Transport, peer: String, cred: Option<PeerCred>) -> io::Result<()> {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         io.register(self.poll.registry(), Token(CONN_BASE + 2 * key), Token(CONN_BASE + 2 * key + 1))?;
@@ -284,6 +289,11 @@ impl Loop {
             read_eof: false,
             lingering: None,
             tls: None,
+            cred,
+            disconnect: {
+                let (expired, gen) = (self.expired.clone(), self.next_gen);
+                Disconnect::new(move || expired.borrow_mut().push((key, gen)))
+            },
         });
         self.enqueue(key);
         Ok(())
@@ -428,9 +438,16 @@ impl Loop {
                 LoopListener::Unix(l) => l.accept().map(|(s, _)| (Transport::Unix(s), "unix".to_string())),
             };
             match accepted {
-                Ok((t, peer)) => {
+                Ok((t, addr)) => {
                     self.emfile_logged = false;
-                    if let Err(e) = self.add_conn(t, peer) {
+                    let cred = t.peer_cred();
+                    let peer = Peer { addr, cred, is_tls: false, tls_subject: None };
+                    // nbdkit's preconnect: a refused client is closed before it is served.
+                    if let Err(e) = self.stack.preconnect(&peer) {
+                        log::warn!("refusing connection from {}: {e}", peer.addr);
+                        continue;
+                    }
+                    if let Err(e) = self.add_conn(t, peer.addr, cred) {
                         log::warn!("cannot register connection: {e}");
                     }
                 }
@@ -569,6 +586,15 @@ impl Loop {
                 wrote = true;
             }
         }
+        match s.disconnect.requested() {
+            Some(true) => {
+                log::debug!("connection {}: a layer dropped the client", s.id);
+                return self.close(key, false);
+            }
+            // Graceful: read no more requests, answer those in flight, then close.
+            Some(false) if !s.conn.is_finished() => s.conn.shutdown(),
+            _ => {}
+        }
         if s.conn.is_aborted() {
             if let Some(v) = s.conn.abort_reason() {
                 log::warn!("connection {} from {}: {}; disconnecting", s.id, s.peer, v.0);
@@ -654,7 +680,12 @@ impl Loop {
             let gen = s.gen;
             match ev {
                 Event::ListExports => {
-                    let list = self.stack.list_exports();
+                    let (is_tls, tls_subject) = match &s.tls {
+                        Some(l) if l.active => (true, l.session.peer_subject()),
+                        _ => (false, None),
+                    };
+                    let peer = Peer { addr: s.peer.clone(), cred: s.cred, is_tls, tls_subject };
+                    let list = self.stack.list_exports(&peer);
                     s.conn.handle_export_list(list);
                 }
                 Event::OpenExport { name, probe } => {
@@ -678,6 +709,8 @@ impl Loop {
                         conn_id: s.id,
                         sched: self.sched.clone(),
                         control: self.shutdown.clone(),
+                        peer_cred: s.cred,
+                        disconnect: s.disconnect.clone(),
                     };
                     let c = self.completions.clone();
                     self.stack.open(

@@ -83,6 +83,16 @@ impl Transport {
         }
     }
 
+    /// The client's credentials when it is on a Unix socket (including `-s` over a socketpair).
+    pub fn peer_cred(&self) -> Option<crate::layer::PeerCred> {
+        let fd = match self {
+            Transport::Tcp(_) => return None,
+            Transport::Unix(s) => s.as_raw_fd(),
+            Transport::Stdio { input, .. } => input.as_raw_fd(),
+        };
+        super::process::peer_cred(fd)
+    }
+
     /// Half-close our sending side so the client sees EOF after the last reply.
     pub fn shutdown_write(&mut self) {
         let _ = match self {

@@ -18,6 +18,7 @@ pub mod registry;
 pub mod shim;
 pub mod stack;
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -208,6 +209,63 @@ impl Extents {
     }
 }
 
+/// The credentials of a client on a Unix socket (SO_PEERCRED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A client as seen before any export is opened: at accept (preconnect) and when it lists
+/// exports.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    /// Address as text (`127.0.0.1:4321`, `unix`, `stdin`).
+    pub addr: String,
+    pub cred: Option<PeerCred>,
+    pub is_tls: bool,
+    pub tls_subject: Option<String>,
+}
+
+/// Lets a layer ask the server to drop its client (nbdkit's `nbdkit_disconnect`): gracefully
+/// (requests in flight are answered first) or at once.
+#[derive(Clone, Default)]
+pub struct Disconnect(Rc<DisconnectState>);
+
+#[derive(Default)]
+struct DisconnectState {
+    requested: Cell<Option<bool>>,
+    /// Makes the loop look at the connection (which may be idle) soon.
+    wake: Option<Box<dyn Fn()>>,
+}
+
+impl Disconnect {
+    /// A handle whose requests call `wake` (the driver's way to notice an idle connection).
+    pub fn new(wake: impl Fn() + 'static) -> Self {
+        Disconnect(Rc::new(DisconnectState { requested: Cell::new(None), wake: Some(Box::new(wake)) }))
+    }
+    /// Ask for the connection to be closed; `force` drops it without answering what is in
+    /// flight. A forced request wins over a graceful one.
+    pub fn request(&self, force: bool) {
+        let force = force || self.0.requested.get() == Some(true);
+        self.0.requested.set(Some(force));
+        if let Some(w) = &self.0.wake {
+            w();
+        }
+    }
+    /// `None` until requested; then whether it must be forced.
+    pub fn requested(&self) -> Option<bool> {
+        self.0.requested.get()
+    }
+}
+
+impl std::fmt::Debug for Disconnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Disconnect({:?})", self.requested())
+    }
+}
+
 /// Who is asking, handed to every layer at open.
 #[derive(Clone)]
 pub struct OpenCx {
@@ -224,6 +282,10 @@ pub struct OpenCx {
     pub sched: Sched,
     /// The server as a whole: shut it down, count its clients.
     pub control: Arc<ServerControl>,
+    /// Unix-socket peer credentials, when the client is on one.
+    pub peer_cred: Option<PeerCred>,
+    /// Drop this client.
+    pub disconnect: Disconnect,
 }
 
 impl OpenCx {
@@ -238,6 +300,8 @@ impl OpenCx {
             conn_id: 1,
             sched,
             control: ServerControl::new(),
+            peer_cred: None,
+            disconnect: Disconnect::default(),
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use super::{Done, Layer, Next, OpenCx};
+use super::{Done, Layer, Next, OpenCx, Peer};
 use crate::config::Params;
 use crate::error::{ConfigError, NbdError};
 
@@ -36,6 +36,11 @@ pub trait BackendFactory: Send + Sync {
     fn list_exports(&self) -> Vec<ExportDesc> {
         vec![ExportDesc::default_export()]
     }
+    /// A client has just connected (see [`FilterFactory::preconnect`]).
+    fn preconnect(&self, peer: &Peer) -> Result<(), NbdError> {
+        let _ = peer;
+        Ok(())
+    }
 }
 
 /// A configured filter, shared by every event loop.
@@ -51,6 +56,19 @@ pub trait FilterFactory: Send + Sync {
     /// Rewrite the export list coming from below.
     fn list_exports(&self, below: Vec<ExportDesc>) -> Vec<ExportDesc> {
         below
+    }
+    /// The same, for a particular client (a filter that lists differently for TLS clients);
+    /// the default ignores the client.
+    fn list_exports_for(&self, peer: &Peer, below: Vec<ExportDesc>) -> Vec<ExportDesc> {
+        let _ = peer;
+        self.list_exports(below)
+    }
+    /// A client has just connected, before it says anything (nbdkit's `preconnect`): refuse it
+    /// with an error and the server closes the connection at once. Called top-down; the default
+    /// accepts.
+    fn preconnect(&self, peer: &Peer) -> Result<(), NbdError> {
+        let _ = peer;
+        Ok(())
     }
     /// The export name the layers below this filter are opened with, given the name this
     /// filter was asked for. Called top-down before anything is opened; an error refuses the

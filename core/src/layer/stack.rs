@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::registry::{BackendFactory, ExportDesc, FilterFactory};
 use super::shim::Shim;
-use super::{Done, Layer, OpenCx};
+use super::{Done, Layer, OpenCx, Peer};
 use crate::error::NbdError;
 
 #[derive(Clone)]
@@ -55,13 +55,21 @@ impl Stack {
         )
     }
 
-    /// The export list as the client sees it, after every filter has had its say.
-    pub fn list_exports(&self) -> Vec<ExportDesc> {
+    /// The export list as `peer` sees it, after every filter has had its say.
+    pub fn list_exports(&self, peer: &Peer) -> Vec<ExportDesc> {
         let mut list = self.backend.1.list_exports();
         for (_, f) in self.filters.iter().rev() {
-            list = f.list_exports(list);
+            list = f.list_exports_for(peer, list);
         }
         list
+    }
+
+    /// Ask every layer, nearest the client first, whether to accept a new client.
+    pub fn preconnect(&self, peer: &Peer) -> Result<(), NbdError> {
+        for (_, f) in &self.filters {
+            f.preconnect(peer)?;
+        }
+        self.backend.1.preconnect(peer)
     }
 }
 
