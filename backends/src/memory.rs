@@ -331,6 +331,8 @@ impl Layer for MemoryLayer {
 
     fn pwrite(&self, data: Vec<u8>, offset: u64, _flags: Flags, done: Done<()>) {
         let r = self.disk.write(&data, offset);
+        // The bytes are copied into pages: the buffer can serve the next request.
+        blocksmith_core::bufpool::give(data);
         done.call(r)
     }
 

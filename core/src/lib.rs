@@ -15,6 +15,7 @@
 //! - [`tls`]: STARTTLS sessions (rustls certificates, OpenSSL pre-shared keys), sans IO.
 
 pub mod budget;
+pub mod bufpool;
 pub mod config;
 pub mod conn;
 pub mod control;

@@ -280,16 +280,18 @@ struct Export {
     meta: bool,
 }
 
-/// Fixed-size header buffer (`limits::READ_BUFFER_BYTES`).
+/// Header buffer (`limits::READ_BUFFER_BYTES`), taken from the loop's buffer pool only while
+/// there are bytes to hold: an idle connection owns none, so thousands of quiet clients cost
+/// little memory.
 struct InBuf {
-    buf: Box<[u8]>,
+    buf: Vec<u8>,
     start: usize,
     end: usize,
 }
 
 impl InBuf {
     fn new() -> Self {
-        InBuf { buf: vec![0u8; limits::READ_BUFFER_BYTES].into_boxed_slice(), start: 0, end: 0 }
+        InBuf { buf: Vec::new(), start: 0, end: 0 }
     }
     fn pending(&self) -> &[u8] {
         &self.buf[self.start..self.end]
@@ -297,6 +299,7 @@ impl InBuf {
     fn is_empty(&self) -> bool {
         self.start == self.end
     }
+    /// Forget everything buffered (plaintext that arrived behind STARTTLS).
     fn clear(&mut self) {
         self.start = 0;
         self.end = 0;
@@ -310,11 +313,14 @@ impl InBuf {
         }
     }
     fn has_space(&self) -> bool {
-        self.end - self.start < self.buf.len()
+        self.buf.is_empty() || self.end - self.start < self.buf.len()
     }
     /// Free space to read into. Leftover bytes move to the front only when the tail gets short,
     /// so the copy is amortised.
     fn space(&mut self) -> &mut [u8] {
+        if self.buf.is_empty() {
+            self.buf = crate::bufpool::take(limits::READ_BUFFER_BYTES);
+        }
         if self.start > 0 && self.buf.len() - self.end < self.buf.len() / 2 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -325,6 +331,14 @@ impl InBuf {
     fn filled(&mut self, n: usize) {
         debug_assert!(n <= self.buf.len() - self.end, "driver reported more bytes than read_buf offered");
         self.end = (self.end + n).min(self.buf.len());
+    }
+    /// Give the buffer back to the pool when it holds nothing.
+    fn release_if_empty(&mut self) {
+        if self.is_empty() && !self.buf.is_empty() {
+            crate::bufpool::give(std::mem::take(&mut self.buf));
+            self.start = 0;
+            self.end = 0;
+        }
     }
 }
 
@@ -692,6 +706,13 @@ impl Conn {
         self.budget_blocked = false;
         let mut decoded = 0usize;
         while !self.is_dead() && self.step(&mut decoded) {}
+        self.inbuf.release_if_empty();
+    }
+
+    /// The socket has no more bytes for now: hand back the read buffer if it holds nothing, so
+    /// an idle connection owns no buffer.
+    pub fn handle_would_block(&mut self) {
+        self.inbuf.release_if_empty();
     }
 
     /// One step of input processing; false when nothing more can be done now.

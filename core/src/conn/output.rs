@@ -39,6 +39,18 @@ impl Segment {
     }
 }
 
+/// A written payload buffer goes back to the pool (a shared one once its last chunk is out).
+fn recycle(buf: Buf) {
+    match buf {
+        Buf::Own(v) => crate::bufpool::give(v),
+        Buf::Shared(a) => {
+            if let Ok(v) = Arc::try_unwrap(a) {
+                crate::bufpool::give(v)
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 pub(super) struct OutQueue {
     segs: VecDeque<Segment>,
@@ -130,7 +142,9 @@ impl OutQueue {
             }
             n -= avail;
             let release = s.release;
-            self.segs.pop_front();
+            if let Some(done) = self.segs.pop_front() {
+                recycle(done.buf);
+            }
             budget.release(release);
         }
     }

@@ -85,7 +85,7 @@ impl Conn {
                 self.inbuf.consume(hlen);
                 let slot = self.slot(&h, CMD_READ, len as u64, flags, df, len);
                 let id = self.slots.insert(slot);
-                let op = Op::Read { buf: vec![0u8; len] };
+                let op = Op::Read { buf: crate::bufpool::take(len) };
                 self.events.push_back(Event::Request(Request { id, op, offset: h.offset, flags }));
             }
             Plan::Write { len, flags } => {
@@ -100,7 +100,7 @@ impl Conn {
                     self.write_payload_complete(id, Vec::new());
                 } else {
                     // Filled from the header buffer first, then read into directly (read_buf).
-                    self.instate = InState::Payload { id, data: vec![0u8; len], filled: 0 };
+                    self.instate = InState::Payload { id, data: crate::bufpool::take(len), filled: 0 };
                 }
             }
             Plan::Other { op, count, flags } => {

@@ -20,7 +20,8 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -102,14 +103,36 @@ pub fn serve(
 ) -> io::Result<()> {
     let pool = BlockingPool::new(cfg.io_threads);
     let budget = Budget::new(cfg.memory_limit);
+    let n = cfg.loops.max(1);
+    // Every loop's poller and waker exist before any loop runs, so loops can hand accepted
+    // connections to each other from the start.
+    let mut polls = Vec::with_capacity(n);
+    let mut wakers = Vec::with_capacity(n);
+    let mut senders = Vec::with_capacity(n);
+    let mut receivers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let poll = Poll::new()?;
+        wakers.push(Arc::new(Waker::new(poll.registry(), WAKER)?));
+        polls.push(poll);
+        let (tx, rx) = mpsc::channel();
+        senders.push(tx);
+        receivers.push(rx);
+    }
+    let set = Arc::new(LoopSet {
+        load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+        handoff: senders,
+        wakers: wakers.clone(),
+    });
     let mut handles = Vec::new();
-    for i in 0..cfg.loops.max(1) {
+    for (i, (poll, inbox)) in polls.into_iter().zip(receivers).enumerate() {
         let mine = listeners.iter().map(|l| l.try_clone()).collect::<io::Result<Vec<_>>>()?;
         let (cfg, stack, shutdown, pool, budget) =
             (cfg.clone(), stack.clone(), shutdown.clone(), pool.clone(), budget.clone());
+        let peers = Peers { index: i, set: set.clone(), inbox };
+        let waker = wakers[i].clone();
         let h =
             thread::Builder::new().name(format!("blocksmith-loop{i}")).spawn(move || -> io::Result<()> {
-                let mut lp = Loop::new(cfg, stack, pool, budget, shutdown)?;
+                let mut lp = Loop::with_poll(poll, waker, cfg, stack, pool, budget, shutdown, Some(peers))?;
                 for l in mine {
                     lp.add_listener(l)?;
                 }
@@ -133,7 +156,9 @@ pub fn serve(
 pub fn serve_stdio(cfg: ServerConfig, stack: Stack, shutdown: Arc<ServerControl>) -> io::Result<()> {
     let pool = BlockingPool::new(cfg.io_threads);
     let budget = Budget::new(cfg.memory_limit);
-    let mut lp = Loop::new(cfg, stack, pool, budget, shutdown)?;
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let mut lp = Loop::with_poll(poll, waker, cfg, stack, pool, budget, shutdown, None)?;
     let t = Transport::stdio()?;
     let cred = t.peer_cred();
     lp.add_conn(t, "stdin".to_string(), cred)?;
@@ -207,18 +232,43 @@ struct Loop {
     stalled: Vec<(usize, u64)>,
     stall_timer_armed: Rc<RefCell<bool>>,
     shutting_down_since: Option<Instant>,
+    /// The other loops, for balancing accepted connections (`None` for `-s`).
+    peers: Option<Peers>,
+}
+
+/// What the loops share to balance connections: each loop's connection count, and a way to
+/// hand a connection to another loop.
+struct LoopSet {
+    load: Vec<AtomicUsize>,
+    handoff: Vec<mpsc::Sender<Handoff>>,
+    wakers: Vec<Arc<Waker>>,
+}
+
+struct Peers {
+    index: usize,
+    set: Arc<LoopSet>,
+    inbox: mpsc::Receiver<Handoff>,
+}
+
+/// An accepted connection moving to another loop before it has been served at all.
+struct Handoff {
+    io: Transport,
+    addr: String,
+    cred: Option<PeerCred>,
 }
 
 impl Loop {
-    fn new(
+    #[allow(clippy::too_many_arguments)]
+    fn with_poll(
+        poll: Poll,
+        waker: Arc<Waker>,
         cfg: ServerConfig,
         stack: Stack,
         pool: Arc<BlockingPool>,
         budget: Budget,
         shutdown: Arc<ServerControl>,
+        peers: Option<Peers>,
     ) -> io::Result<Loop> {
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         shutdown.add_waker(waker.clone());
         let core = Rc::new(LoopCore::new(pool, waker, poll.registry().try_clone()?));
         let sched = Sched::new(core.clone());
@@ -242,7 +292,40 @@ impl Loop {
             stalled: Vec::new(),
             stall_timer_armed: Rc::new(RefCell::new(false)),
             shutting_down_since: None,
+            peers,
         })
+    }
+
+    /// Take the connections other loops handed to this one.
+    fn take_handoffs(&mut self) {
+        let Some(p) = &self.peers else { return };
+        let incoming: Vec<Handoff> = p.inbox.try_iter().collect();
+        for h in incoming {
+            if self.shutting_down_since.is_some() {
+                // Too late to serve it; dropping it closes the socket.
+                if let Some(p) = &self.peers {
+                    p.set.load[p.index].fetch_sub(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+            if let Err(e) = self.add_conn_counted(h.io, h.addr, h.cred) {
+                log::warn!("cannot register connection: {e}");
+            }
+        }
+    }
+
+    /// Where a newly accepted connection should go: the least loaded loop, this one on a tie.
+    fn pick_loop(&self) -> Option<usize> {
+        let p = self.peers.as_ref()?;
+        let mine = p.set.load[p.index].load(Ordering::Relaxed);
+        let (best, load) = p
+            .set
+            .load
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i, l.load(Ordering::Relaxed)))
+            .min_by_key(|&(i, l)| (l, i != p.index))?;
+        (best != p.index && load < mine).then_some(best)
     }
 
     fn add_listener(&mut self, l: Listener) -> io::Result<()> {
@@ -265,10 +348,30 @@ impl Loop {
         Ok(())
     }
 
-    fn add_conn(&mut self, mut io: Transport, peer: String, cred: Option<PeerCred>) -> io::Result<()> {
+    fn add_conn(&mut self, io: Transport, peer: String, cred: Option<PeerCred>) -> io::Result<()> {
+        if let Some(p) = &self.peers {
+            p.set.load[p.index].fetch_add(1, Ordering::Relaxed);
+        }
+        self.add_conn_counted(io, peer, cred)
+    }
+
+    /// Register a connection already counted in this loop's load.
+    fn add_conn_counted(
+        &mut self,
+        mut io: Transport,
+        peer: String,
+        cred: Option<PeerCred>,
+    ) -> io::Result<()> {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        io.register(self.poll.registry(), Token(CONN_BASE + 2 * key), Token(CONN_BASE + 2 * key + 1))?;
+        if let Err(e) =
+            io.register(self.poll.registry(), Token(CONN_BASE + 2 * key), Token(CONN_BASE + 2 * key + 1))
+        {
+            if let Some(p) = &self.peers {
+                p.set.load[p.index].fetch_sub(1, Ordering::Relaxed);
+            }
+            return Err(e);
+        }
         self.next_gen += 1;
         let now = self.core.tick();
         let conn = Conn::new(self.cfg.conn.clone(), self.budget.clone(), now);
@@ -351,7 +454,9 @@ impl Loop {
             for ev in events.iter() {
                 let t = ev.token().0;
                 if t == WAKER.0 {
-                    // Blocking results are drained by run_ready below.
+                    // Blocking results are drained by run_ready below; connections handed over
+                    // by other loops are taken here.
+                    self.take_handoffs();
                 } else if (WATCH_BASE..WATCH_BASE + WATCH_LIMIT).contains(&t) {
                     self.core.dispatch_watch(ev.token(), readiness(ev));
                 } else if t < CONN_BASE {
@@ -445,6 +550,25 @@ impl Loop {
                     // nbdkit's preconnect: a refused client is closed before it is served.
                     if let Err(e) = self.stack.preconnect(&peer) {
                         log::warn!("refusing connection from {}: {e}", peer.addr);
+                        continue;
+                    }
+                    // Balance: a burst of connections all accepted by whichever loop woke first
+                    // would otherwise pile onto one core.
+                    if let (Some(target), Some(p)) = (self.pick_loop(), &self.peers) {
+                        p.set.load[target].fetch_add(1, Ordering::Relaxed);
+                        let h = Handoff { io: t, addr: peer.addr, cred };
+                        match p.set.handoff[target].send(h) {
+                            Ok(()) => {
+                                let _ = p.set.wakers[target].wake();
+                            }
+                            Err(mpsc::SendError(h)) => {
+                                // That loop has exited: serve it here.
+                                p.set.load[target].fetch_sub(1, Ordering::Relaxed);
+                                if let Err(e) = self.add_conn(h.io, h.addr, h.cred) {
+                                    log::warn!("cannot register connection: {e}");
+                                }
+                            }
+                        }
                         continue;
                     }
                     if let Err(e) = self.add_conn(t, peer.addr, cred) {
@@ -748,6 +872,9 @@ impl Loop {
         log::debug!("connection {} from {} closed", s.id, s.peer);
         drop(s);
         self.shutdown.connection_closed();
+        if let Some(p) = &self.peers {
+            p.set.load[p.index].fetch_sub(1, Ordering::Relaxed);
+        }
         // A descriptor just freed: if accepting was paused for EMFILE, try again now.
         if self.accept_paused {
             *self.accept_retry.borrow_mut() = true;
@@ -776,7 +903,10 @@ impl Slot {
                     self.conn.handle_read(0, now);
                 }
                 Ok(n) => self.conn.handle_read(n, now),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    self.conn.handle_would_block();
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::debug!("connection {}: read: {e}", self.id);
