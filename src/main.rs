@@ -402,17 +402,24 @@ fn run_captive(
     }
 }
 
-/// One thread for the whole process turns SIGINT/SIGTERM/SIGQUIT/SIGHUP into a clean shutdown.
+/// One thread for the whole process turns SIGINT/SIGTERM/SIGQUIT/SIGHUP into a clean shutdown,
+/// and SIGUSR1 into a report (the stats filter writes its file now).
 fn start_signal_thread(shutdown: Arc<ServerControl>) -> Result<(), String> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGQUIT, SIGHUP]).map_err(|e| e.to_string())?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGQUIT, SIGHUP, SIGUSR1])
+        .map_err(|e| e.to_string())?;
     std::thread::Builder::new()
         .name("blocksmith-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            for sig in signals.forever() {
+                if sig == SIGUSR1 {
+                    log::debug!("signal {sig}: writing reports");
+                    blocksmith_core::control::report_now();
+                    continue;
+                }
                 log::debug!("signal {sig}: shutting down");
                 shutdown.shutdown();
+                return;
             }
         })
         .map_err(|e| e.to_string())?;

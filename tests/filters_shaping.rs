@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     assert_same_bytes, python_script, random_bytes, read_file, require_tool, run, run_ok, run_server_cmd,
-    run_with_timeout, tool, write_random_file, Server, TempDir,
+    run_with_timeout, signal, tool, wait_for_file, write_random_file, Server, TempDir,
 };
 
 /// Run the probe script against `srv`; its output lines, `op -> result`.
@@ -586,6 +586,35 @@ fn stats_file_after_sigterm() {
     assert!(ours.contains("     9 bits: 66.7% (2 reqs, 1.18 KiB total)\n"), "{ours}");
     assert!(ours.contains("    other sizes: 33.3% (1 reqs, 64.00 KiB total)\n"), "{ours}");
     assert!(ours.contains("\nflush: 1 ops, "), "{ours}");
+}
+
+#[test]
+fn stats_file_on_demand_with_sigusr1() {
+    let dir = TempDir::new("stats-usr1");
+    let file = dir.join("s.stats");
+    let srv = Server::unix(&["--filter=stats", "memory", "1M", &format!("statsfile={}", file.display())]);
+    // A client that stays connected while the report is asked for, so the report cannot come
+    // from a connection closing.
+    let ready = dir.join("ready");
+    let code = format!(
+        "{NBDSH_WORKLOAD}\nopen({:?}, 'w').write('ready')\nimport time\ntime.sleep(3)",
+        ready.display().to_string()
+    );
+    let mut client = tool("nbdsh").args(["-u", &srv.uri(), "-c", &code]).spawn().expect("nbdsh");
+    assert!(wait_for_file(&ready, Duration::from_secs(20)).is_some(), "the workload never finished");
+    signal(srv.pid(), libc::SIGUSR1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let t = fs::read_to_string(&file).unwrap_or_default();
+        if t.contains("write: 3 ops, ") || Instant::now() > deadline {
+            break t;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert!(text.starts_with("total: 6 ops, "), "{text}");
+    assert!(text.contains("write: 3 ops, "), "{text}");
+    let _ = client.kill();
+    let _ = client.wait();
 }
 
 #[test]

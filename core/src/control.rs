@@ -58,3 +58,25 @@ impl ServerControl {
         }
     }
 }
+
+/// Something to run when the operator asks for a report (SIGUSR1): the stats filter writes its
+/// file. Runs on the signal thread, never on an event loop, so it may block briefly.
+pub type ReportHook = Box<dyn Fn() + Send + Sync>;
+
+static REPORT_HOOKS: Mutex<Vec<ReportHook>> = Mutex::new(Vec::new());
+
+/// Register a hook for [`report_now`]. Hooks live as long as the process.
+pub fn on_report(hook: ReportHook) {
+    if let Ok(mut h) = REPORT_HOOKS.lock() {
+        h.push(hook);
+    }
+}
+
+/// Run every report hook (the server got SIGUSR1).
+pub fn report_now() {
+    if let Ok(h) = REPORT_HOOKS.lock() {
+        for hook in h.iter() {
+            hook();
+        }
+    }
+}

@@ -20,9 +20,8 @@
 //! "other sizes" line; here it is the bytes of those other sizes.)
 //!
 //! The file is written when the server exits (when the filter's factory is dropped), as in
-//! nbdkit. Since a signal cannot reach a filter (nbdkit has no SIGUSR1 either), it is also
-//! rewritten, off the event loop, each time a connection closes, so it is current whenever the
-//! server is idle. Each write replaces the previous one; with `statsappend=true` the file's
+//! nbdkit; on demand when the server gets SIGUSR1 (from the signal thread); and, off the event
+//! loop, each time a connection closes, so it is current whenever the server is idle. Each write replaces the previous one; with `statsappend=true` the file's
 //! earlier contents are kept and only this run's block is replaced.
 
 use std::collections::BTreeMap;
@@ -90,6 +89,14 @@ fn make(p: &mut Params) -> Result<Arc<dyn FilterFactory>, ConfigError> {
     };
     let out = Arc::new(StatsFile { file: Mutex::new(file), start, path });
     let stats = Arc::new(Stats { started: Instant::now(), threshold, ops: Mutex::new(Ops::default()) });
+    // On demand: `kill -USR1` the server and the file is written now (from the signal thread,
+    // not an event loop). Weak, so the hook does not keep the statistics alive after exit.
+    let (weak_stats, weak_out) = (Arc::downgrade(&stats), Arc::downgrade(&out));
+    blocksmith_core::control::on_report(Box::new(move || {
+        if let (Some(s), Some(o)) = (weak_stats.upgrade(), weak_out.upgrade()) {
+            o.write(&s.report(Instant::now()));
+        }
+    }));
     Ok(Arc::new(StatsFactory { stats, out }))
 }
 
