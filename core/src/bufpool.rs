@@ -41,7 +41,7 @@ fn class_of(capacity: usize) -> Option<usize> {
 
 /// A buffer of exactly `len` bytes (contents unspecified: zeroes or an earlier request's bytes).
 pub fn take(len: usize) -> Vec<u8> {
-    if len < MIN_CLASS || len > MAX_CLASS {
+    if !(MIN_CLASS..=MAX_CLASS).contains(&len) {
         return vec![0u8; len];
     }
     let class = len.next_power_of_two();
