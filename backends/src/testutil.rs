@@ -55,6 +55,7 @@ pub fn try_open(factory: Arc<dyn BackendFactory>, readonly: bool) -> Result<Conn
         control: blocksmith_core::control::ServerControl::new(),
         peer_cred: None,
         disconnect: Default::default(),
+        budget: blocksmith_core::budget::Budget::new(1 << 30),
     };
     let stack = Stack::new(("test".into(), factory), vec![]);
     let layer = run(&sim, |d| stack.open(&cx, d))?;

@@ -52,6 +52,26 @@ impl Budget {
     }
 }
 
+/// Bytes reserved from a [`Budget`], given back when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Budget,
+    bytes: usize,
+}
+
+impl Budget {
+    /// Reserve `n` bytes for as long as the returned value lives; `None` when over the limit.
+    pub fn reserve(&self, n: usize) -> Option<Reservation> {
+        self.try_reserve(n).then(|| Reservation { budget: self.clone(), bytes: n })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +86,9 @@ mod tests {
         b.release(100);
         assert_eq!(b.used(), 0);
         assert!(b.try_reserve(0));
+        let r = b.reserve(70).unwrap();
+        assert!(b.reserve(31).is_none());
+        drop(r);
+        assert_eq!(b.used(), 0);
     }
 }

@@ -12,12 +12,15 @@
 //!   readahead filter did. Reads that arrive while the window they fall in is still being
 //!   fetched wait for it rather than read twice. Writes, trims and zeroes on the connection drop
 //!   the buffer. Another connection's writes are not seen, so the export is not advertised as
-//!   multi-conn consistent in this mode.
+//!   multi-conn consistent in this mode. The buffered window is reserved from the server's
+//!   memory budget (`--memory-limit`); when the budget is spent there is no read-ahead and
+//!   reads simply go below.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use blocksmith_core::budget::{Budget, Reservation};
 use blocksmith_core::config::Params;
 use blocksmith_core::error::{ConfigError, NbdError};
 use blocksmith_core::layer::{
@@ -40,7 +43,7 @@ fn make(_p: &mut Params) -> Result<Arc<dyn FilterFactory>, ConfigError> {
 struct ReadaheadFactory;
 
 impl FilterFactory for ReadaheadFactory {
-    fn open(&self, _cx: &OpenCx, next: Next) -> Result<Rc<dyn Layer>, NbdError> {
+    fn open(&self, cx: &OpenCx, next: Next) -> Result<Rc<dyn Layer>, NbdError> {
         let info = next.info();
         let use_cache = info.cache != Support::None;
         let align = info.block_size.map_or(1, |b| u64::from(b.minimum.max(1)));
@@ -48,6 +51,7 @@ impl FilterFactory for ReadaheadFactory {
             size: info.size,
             align,
             use_cache,
+            budget: cx.budget.clone(),
             st: RefCell::new(State { window: INITIAL_WINDOW, ..State::default() }),
         };
         Ok(Rc::new(FilterLayer { filter: Readahead(Rc::new(ra)), next }))
@@ -59,6 +63,8 @@ struct Ra {
     /// The layer below's minimum block size: prefetches start and end on it.
     align: u64,
     use_cache: bool,
+    /// Buffered windows are reserved here: with the budget spent, reads just go below.
+    budget: Budget,
     st: RefCell<State>,
 }
 
@@ -74,6 +80,8 @@ struct State {
     /// Buffer mode: the buffered window.
     buf_off: u64,
     buf: Rc<Vec<u8>>,
+    /// The budget held by `buf`.
+    held: Option<Reservation>,
     /// Buffer mode: the window being read, and the reads waiting for it.
     fetching: Option<(u64, u64, Vec<Waiter>)>,
     /// Bumped by writes: a window read before a write is stale.
@@ -153,6 +161,12 @@ impl Ra {
             st.fetching = Some((from, to - from, Vec::new()));
             (from, to - from, st.generation)
         };
+        // The window being read and the one it replaces both count until the swap.
+        let Some(reserved) = self.budget.reserve(len as usize) else {
+            // Out of budget: no read-ahead now; waiting reads (none yet) would read for themselves.
+            self.st.borrow_mut().fetching = None;
+            return;
+        };
         let (me, next2) = (self.clone(), next.clone());
         next.pread(
             vec![0; len as usize],
@@ -166,6 +180,7 @@ impl Ra {
                         Ok(data) if st.generation == generation => {
                             st.buf_off = from;
                             st.buf = Rc::new(data);
+                            st.held = Some(reserved);
                         }
                         Ok(_) => {}
                         Err(e) => ::log::debug!("readahead: reading ahead {from}+{len}: {e}"),
@@ -193,6 +208,7 @@ impl Ra {
         let mut st = self.st.borrow_mut();
         st.generation += 1;
         st.buf = Rc::new(Vec::new());
+        st.held = None;
         st.cached_until = 0;
     }
 }
@@ -309,6 +325,32 @@ mod tests {
         wait(&sim, |d| top.pwrite(vec![7; 4096], 64 * 4096, Flags::NONE, d)).unwrap();
         let got = wait(&sim, |d| top.pread(vec![0; 4096], 64 * 4096, Flags::NONE, d)).unwrap();
         assert_eq!(got, vec![7; 4096]);
+    }
+
+    #[test]
+    fn buffered_windows_come_from_the_budget() {
+        let sim = SimScheduler::new();
+        let ram = Ram::with(4 << 20, |r| r.info.cache = Support::None);
+        // A budget too small for any window: no read-ahead, every read goes below, all correct.
+        let mut c = cx(&sim);
+        c.budget = blocksmith_core::budget::Budget::new(1024);
+        let top = open(&configure(&SPEC, &[]), &c, ram.clone()).unwrap();
+        for i in 0..16u64 {
+            let got = wait(&sim, |d| top.pread(vec![0; 4096], i * 4096, Flags::NONE, d)).unwrap();
+            assert_eq!(got, pattern(i * 4096, 4096), "read {i}");
+        }
+        assert_eq!(ram.calls().len(), 16, "no read-ahead without budget");
+        // With budget, the window is held while buffered and given back when dropped.
+        let mut c = cx(&sim);
+        let budget = blocksmith_core::budget::Budget::new(64 << 20);
+        c.budget = budget.clone();
+        let top = open(&configure(&SPEC, &[]), &c, ram.clone()).unwrap();
+        for i in 0..16u64 {
+            wait(&sim, |d| top.pread(vec![0; 4096], i * 4096, Flags::NONE, d)).unwrap();
+        }
+        assert!(budget.used() > 0, "the buffered window is reserved");
+        drop(top);
+        assert_eq!(budget.used(), 0, "and released with the connection");
     }
 
     #[test]

@@ -126,6 +126,7 @@ pub fn cx(sim: &Rc<SimScheduler>) -> OpenCx {
         control: blocksmith_core::control::ServerControl::new(),
         peer_cred: None,
         disconnect: Default::default(),
+        budget: blocksmith_core::budget::Budget::new(1 << 30),
     }
 }
 

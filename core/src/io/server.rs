@@ -835,6 +835,7 @@ impl Loop {
                         control: self.shutdown.clone(),
                         peer_cred: s.cred,
                         disconnect: s.disconnect.clone(),
+                        budget: self.budget.clone(),
                     };
                     let c = self.completions.clone();
                     self.stack.open(

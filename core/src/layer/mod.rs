@@ -286,6 +286,9 @@ pub struct OpenCx {
     pub peer_cred: Option<PeerCred>,
     /// Drop this client.
     pub disconnect: Disconnect,
+    /// The server's payload budget (`--memory-limit`): a layer that holds data in RAM beyond
+    /// a request (readahead buffers, say) reserves it here and does without when it is spent.
+    pub budget: crate::budget::Budget,
 }
 
 impl OpenCx {
@@ -302,6 +305,7 @@ impl OpenCx {
             control: ServerControl::new(),
             peer_cred: None,
             disconnect: Disconnect::default(),
+            budget: crate::budget::Budget::new(crate::limits::DEFAULT_MEMORY_LIMIT),
         }
     }
 }

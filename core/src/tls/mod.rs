@@ -16,6 +16,7 @@
 //!   qemu) negotiate TLS 1.3 or TLS 1.2 PSK with it.
 
 mod certs;
+pub mod client;
 mod dn;
 #[cfg(feature = "psk")]
 mod psk;

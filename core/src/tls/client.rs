@@ -1,0 +1,581 @@
+//! TLS for the client side of STARTTLS (the `nbd` backend talking to its upstream), behind the
+//! same sans-IO [`TlsSession`] interface as the server side: certificates through rustls'
+//! `ClientConnection`, pre-shared keys through OpenSSL's PSK client callback over in-memory
+//! buffers (feature `psk`).
+//!
+//! Options follow nbdkit-nbd-plugin / libnbd: a certificate directory holding `ca-cert.pem`
+//! (the CA the server's certificate must chain to) and optionally `client-cert.pem` and
+//! `client-key.pem`; peer verification on or off; a host name to check the certificate
+//! against (without one, as libnbd over a Unix socket, only the chain is checked).
+
+use std::io::{self, IoSlice, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::ring as provider;
+use rustls::crypto::{
+    verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+
+use super::TlsSession;
+
+pub const CA_CERT: &str = "ca-cert.pem";
+pub const CLIENT_CERT: &str = "client-cert.pem";
+pub const CLIENT_KEY: &str = "client-key.pem";
+/// Where Debian-family systems keep the trusted CAs, for verification without a directory.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+const SEND_BUFFER_LIMIT: usize = 64 * 1024;
+
+/// The client's TLS credentials; makes one session per connection.
+#[derive(Clone)]
+pub struct ClientTls {
+    kind: Kind,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Certificates {
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+        describe: String,
+    },
+    #[cfg(feature = "psk")]
+    Psk {
+        ctx: Arc<openssl::ssl::SslContext>,
+        username: String,
+    },
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in the file", path.display()));
+    }
+    Ok(certs)
+}
+
+/// A private key in a form ring accepts: certtool writes some EC keys in a padded SEC1 form
+/// ring refuses, so with OpenSSL at hand the key is re-encoded as PKCS#8.
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    #[cfg(feature = "psk")]
+    {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Ok(k) = openssl::pkey::PKey::private_key_from_pem(&pem) {
+            if let Ok(der) = k.private_key_to_pkcs8() {
+                return Ok(PrivateKeyDer::Pkcs8(der.into()));
+            }
+        }
+    }
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Checks the chain, and the name only when one was given.
+#[derive(Debug)]
+struct ChainVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    check_name: bool,
+}
+
+impl ServerCertVerifier for ChainVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
+            r => r,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// `tls-verify=false`: any certificate is accepted (the handshake signatures are still checked,
+/// so the server must hold the key of the certificate it sent).
+#[derive(Debug)]
+struct NoVerifier(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for NoVerifier {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+impl ClientTls {
+    /// X.509. `dir`: `ca-cert.pem` and optional `client-cert.pem`/`client-key.pem` (without it
+    /// the system's CA bundle); `hostname`: the name the certificate must carry, or `None` to
+    /// check only the chain (a Unix socket has no host name).
+    pub fn certificates(
+        dir: Option<&Path>,
+        verify: bool,
+        hostname: Option<&str>,
+    ) -> Result<ClientTls, String> {
+        let provider: Arc<CryptoProvider> = Arc::new(provider::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| format!("TLS: {e}"))?;
+        let builder = if verify {
+            let ca_path = match dir {
+                Some(d) => d.join(CA_CERT),
+                None => Path::new(SYSTEM_CA_BUNDLE).to_path_buf(),
+            };
+            let mut roots = RootCertStore::empty();
+            for c in load_certs(&ca_path)? {
+                roots.add(c).map_err(|e| format!("{}: {e}", ca_path.display()))?;
+            }
+            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| format!("{}: {e}", ca_path.display()))?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainVerifier {
+                inner,
+                check_name: hostname.is_some(),
+            }))
+        } else {
+            let algs = provider.signature_verification_algorithms;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerifier(algs)))
+        };
+        let cert = dir.map(|d| d.join(CLIENT_CERT)).filter(|p| p.is_file());
+        let mut config = match cert {
+            Some(cert_path) => {
+                let Some(d) = dir else {
+                    return Err("internal: client certificate without directory".into());
+                };
+                let chain = load_certs(&cert_path)?;
+                let key_path = d.join(CLIENT_KEY);
+                let key = load_key(&key_path)?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("{}: {e}", key_path.display()))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.resumption = rustls::client::Resumption::disabled();
+        let name_text = hostname.unwrap_or("localhost");
+        let name = ServerName::try_from(name_text.to_string())
+            .map_err(|e| format!("tls-hostname '{name_text}': {e}"))?;
+        let describe = format!(
+            "X.509{}{}",
+            dir.map_or(String::new(), |d| format!(" from {}", d.display())),
+            if verify { "" } else { ", server certificate not verified" }
+        );
+        Ok(ClientTls { kind: Kind::Certificates { config: Arc::new(config), name, describe } })
+    }
+
+    /// Pre-shared key from a psktool file: the entry for `username`, or without one the entry
+    /// for the login name ($LOGNAME, $USER), or else the file's first entry.
+    #[cfg(feature = "psk")]
+    pub fn psk(file: &Path, username: Option<&str>) -> Result<ClientTls, String> {
+        let keys = super::read_psk_file(file)?;
+        let login = ["LOGNAME", "USER"].iter().find_map(|v| std::env::var(v).ok());
+        let key = match username {
+            Some(u) => keys
+                .into_iter()
+                .find(|k| k.username == u)
+                .ok_or_else(|| format!("{}: no key for user '{u}'", file.display()))?,
+            None => {
+                let pos = keys.iter().position(|k| Some(&k.username) == login.as_ref()).unwrap_or(0);
+                keys.into_iter().nth(pos).ok_or_else(|| format!("{}: no keys", file.display()))?
+            }
+        };
+        psk::context(key)
+    }
+
+    #[cfg(not(feature = "psk"))]
+    pub fn psk(file: &Path, _username: Option<&str>) -> Result<ClientTls, String> {
+        Err(format!("tls-psk={}: this blocksmith was built without the 'psk' feature", file.display()))
+    }
+
+    /// A fresh client session; its ClientHello is ready to be written at once.
+    pub fn new_session(&self) -> Result<Box<dyn TlsSession>, String> {
+        match &self.kind {
+            Kind::Certificates { config, name, .. } => {
+                let mut conn =
+                    ClientConnection::new(config.clone(), name.clone()).map_err(|e| format!("TLS: {e}"))?;
+                conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
+                Ok(Box::new(RustlsClient { conn }))
+            }
+            #[cfg(feature = "psk")]
+            Kind::Psk { ctx, .. } => Ok(Box::new(psk::PskClient::new(ctx)?)),
+        }
+    }
+
+    pub fn is_psk(&self) -> bool {
+        !matches!(self.kind, Kind::Certificates { .. })
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            Kind::Certificates { describe, .. } => describe.clone(),
+            #[cfg(feature = "psk")]
+            Kind::Psk { username, .. } => format!("pre-shared key of {username:?}"),
+        }
+    }
+}
+
+struct RustlsClient {
+    conn: ClientConnection,
+}
+
+impl TlsSession for RustlsClient {
+    fn read_tls(&mut self, rd: &mut dyn Read) -> io::Result<usize> {
+        self.conn.read_tls(rd)
+    }
+    fn process(&mut self) -> Result<(), String> {
+        self.conn.process_new_packets().map(|_| ()).map_err(|e| e.to_string())
+    }
+    fn wants_read(&self) -> bool {
+        self.conn.wants_read()
+    }
+    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.conn.reader().read(buf)
+    }
+    fn write_plain(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.conn.writer().write_vectored(bufs)
+    }
+    fn wants_write(&self) -> bool {
+        self.conn.wants_write()
+    }
+    fn write_tls(&mut self, wr: &mut dyn Write) -> io::Result<usize> {
+        self.conn.write_tls(wr)
+    }
+    fn is_handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+    fn peer_subject(&self) -> Option<String> {
+        self.conn.peer_certificates()?.first().and_then(|c| super::dn::subject(c))
+    }
+    fn send_close_notify(&mut self) {
+        self.conn.send_close_notify();
+    }
+    fn describe(&self) -> String {
+        let version = self.conn.protocol_version().map_or("?".to_string(), |v| format!("{v:?}"));
+        let suite =
+            self.conn.negotiated_cipher_suite().map_or("?".to_string(), |s| format!("{:?}", s.suite()));
+        match self.peer_subject() {
+            Some(s) => format!("{version} {suite}, server certificate {s:?}"),
+            None => format!("{version} {suite}"),
+        }
+    }
+}
+
+#[cfg(feature = "psk")]
+mod psk {
+    use std::io::{self, IoSlice, Read, Write};
+    use std::sync::Arc;
+
+    use openssl::ssl::{ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslStream, SslVersion};
+
+    use super::{ClientTls, Kind};
+    use crate::tls::{PskKey, TlsSession};
+
+    const TLS12_CIPHERS: &str =
+        "ECDHEPSK+AESGCM:ECDHEPSK+CHACHA20:PSK+AESGCM:PSK+CHACHA20:ECDHEPSK+AES:PSK+AES";
+    const IN_LIMIT: usize = 32 * 1024;
+    const OUT_LIMIT: usize = 64 * 1024;
+    const RECORD: usize = 16 * 1024;
+
+    pub(super) fn context(key: PskKey) -> Result<ClientTls, String> {
+        let err = |e: openssl::error::ErrorStack| format!("TLS-PSK: {e}");
+        let mut b = SslContextBuilder::new(SslMethod::tls_client()).map_err(err)?;
+        b.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(err)?;
+        b.set_cipher_list(TLS12_CIPHERS).map_err(err)?;
+        b.set_options(openssl::ssl::SslOptions::NO_TICKET);
+        b.set_session_cache_mode(openssl::ssl::SslSessionCacheMode::OFF);
+        let username = key.username.clone();
+        let (id, secret) = (key.username.into_bytes(), key.key);
+        b.set_psk_client_callback(move |_ssl, _hint, identity, out| {
+            // The identity is written NUL-terminated.
+            if id.len() >= identity.len() || secret.len() > out.len() {
+                return Ok(0);
+            }
+            identity[..id.len()].copy_from_slice(&id);
+            identity[id.len()] = 0;
+            out[..secret.len()].copy_from_slice(&secret);
+            Ok(secret.len())
+        });
+        Ok(ClientTls { kind: Kind::Psk { ctx: Arc::new(b.build()), username } })
+    }
+
+    #[derive(Default)]
+    struct Duplex {
+        incoming: Vec<u8>,
+        in_pos: usize,
+        outgoing: Vec<u8>,
+        out_pos: usize,
+        eof: bool,
+    }
+
+    impl Duplex {
+        fn unread(&self) -> usize {
+            self.incoming.len() - self.in_pos
+        }
+        fn unsent(&self) -> usize {
+            self.outgoing.len() - self.out_pos
+        }
+    }
+
+    impl Read for Duplex {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.unread() == 0 {
+                return if self.eof { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
+            }
+            let n = buf.len().min(self.unread());
+            buf[..n].copy_from_slice(&self.incoming[self.in_pos..self.in_pos + n]);
+            self.in_pos += n;
+            if self.in_pos == self.incoming.len() {
+                self.incoming.clear();
+                self.in_pos = 0;
+            }
+            Ok(n)
+        }
+    }
+
+    impl Write for Duplex {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.outgoing.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    pub(super) struct PskClient {
+        stream: SslStream<Duplex>,
+        handshaking: bool,
+        failed: bool,
+        closed: bool,
+    }
+
+    fn describe_error(e: &openssl::ssl::Error) -> String {
+        match e.ssl_error() {
+            Some(stack) => stack.to_string(),
+            None => e.to_string(),
+        }
+    }
+
+    impl PskClient {
+        pub(super) fn new(ctx: &SslContext) -> Result<PskClient, String> {
+            let mut ssl = Ssl::new(ctx).map_err(|e| format!("TLS-PSK: {e}"))?;
+            ssl.set_connect_state();
+            let stream = SslStream::new(ssl, Duplex::default()).map_err(|e| format!("TLS-PSK: {e}"))?;
+            let mut s = PskClient { stream, handshaking: true, failed: false, closed: false };
+            // Produces the ClientHello.
+            s.handshake()?;
+            Ok(s)
+        }
+
+        fn handshake(&mut self) -> Result<(), String> {
+            if !self.handshaking || self.failed {
+                return Ok(());
+            }
+            match self.stream.do_handshake() {
+                Ok(()) => {
+                    self.handshaking = false;
+                    Ok(())
+                }
+                Err(e) if matches!(e.code(), ErrorCode::WANT_READ | ErrorCode::WANT_WRITE) => Ok(()),
+                Err(e) => {
+                    self.failed = true;
+                    if self.stream.get_ref().eof {
+                        Err("the server closed the connection during the TLS handshake".into())
+                    } else {
+                        Err(describe_error(&e))
+                    }
+                }
+            }
+        }
+    }
+
+    impl TlsSession for PskClient {
+        fn read_tls(&mut self, rd: &mut dyn Read) -> io::Result<usize> {
+            let d = self.stream.get_mut();
+            let room = IN_LIMIT.saturating_sub(d.unread());
+            if room == 0 {
+                return Err(io::Error::other("TLS input buffer full"));
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let want = room.min(chunk.len());
+            let n = rd.read(&mut chunk[..want])?;
+            if n == 0 {
+                d.eof = true;
+            } else {
+                d.incoming.extend_from_slice(&chunk[..n]);
+            }
+            Ok(n)
+        }
+
+        fn process(&mut self) -> Result<(), String> {
+            self.handshake()
+        }
+
+        fn wants_read(&self) -> bool {
+            let d = self.stream.get_ref();
+            !self.failed && !self.closed && !d.eof && d.unread() < IN_LIMIT
+        }
+
+        fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.handshaking {
+                self.handshake().map_err(io::Error::other)?;
+                if self.handshaking {
+                    return Err(if self.failed || self.stream.get_ref().eof {
+                        io::ErrorKind::UnexpectedEof.into()
+                    } else {
+                        io::ErrorKind::WouldBlock.into()
+                    });
+                }
+            }
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            match self.stream.ssl_read(buf) {
+                Ok(n) => Ok(n),
+                Err(e) => match e.code() {
+                    ErrorCode::ZERO_RETURN => {
+                        self.closed = true;
+                        Ok(0)
+                    }
+                    ErrorCode::WANT_READ | ErrorCode::WANT_WRITE => Err(io::ErrorKind::WouldBlock.into()),
+                    _ if self.stream.get_ref().eof => Err(io::ErrorKind::UnexpectedEof.into()),
+                    _ => {
+                        self.failed = true;
+                        Err(io::Error::other(describe_error(&e)))
+                    }
+                },
+            }
+        }
+
+        fn write_plain(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if self.handshaking || self.failed {
+                return Ok(0);
+            }
+            let mut total = 0;
+            for b in bufs {
+                let mut done = 0;
+                while done < b.len() {
+                    if self.stream.get_ref().unsent() >= OUT_LIMIT {
+                        return Ok(total);
+                    }
+                    let end = (done + RECORD).min(b.len());
+                    match self.stream.ssl_write(&b[done..end]) {
+                        Ok(n) => {
+                            done += n;
+                            total += n;
+                        }
+                        Err(e) => {
+                            self.failed = true;
+                            return if total > 0 {
+                                Ok(total)
+                            } else {
+                                Err(io::Error::other(describe_error(&e)))
+                            };
+                        }
+                    }
+                }
+            }
+            Ok(total)
+        }
+
+        fn wants_write(&self) -> bool {
+            self.stream.get_ref().unsent() > 0
+        }
+
+        fn write_tls(&mut self, wr: &mut dyn Write) -> io::Result<usize> {
+            let d = self.stream.get_mut();
+            let n = wr.write(&d.outgoing[d.out_pos..])?;
+            d.out_pos += n;
+            if d.out_pos == d.outgoing.len() {
+                d.outgoing.clear();
+                d.out_pos = 0;
+            } else if d.out_pos > OUT_LIMIT {
+                d.outgoing.drain(..d.out_pos);
+                d.out_pos = 0;
+            }
+            Ok(n)
+        }
+
+        fn is_handshaking(&self) -> bool {
+            self.handshaking
+        }
+
+        fn peer_subject(&self) -> Option<String> {
+            None
+        }
+
+        fn send_close_notify(&mut self) {
+            if !self.handshaking && !self.failed {
+                let _ = self.stream.shutdown();
+            }
+        }
+
+        fn describe(&self) -> String {
+            let ssl = self.stream.ssl();
+            let cipher = ssl.current_cipher().map_or("?", |c| c.name());
+            format!("{} {cipher}, PSK", ssl.version_str())
+        }
+    }
+}
