@@ -295,7 +295,7 @@ impl FilterFactory for CacheFactory {
             match map.size {
                 None => {
                     let blocks = size.div_ceil(self.0.bs);
-                    map.states = States::for_disk("cache", size, self.0.bs)?;
+                    map.states = States::for_disk("cache", size, self.0.bs, &cx.budget)?;
                     map.size = Some(size);
                     // A limit at least the size of the disk is no limit.
                     map.slots = match self.0.limit {

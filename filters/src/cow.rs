@@ -111,7 +111,7 @@ impl FilterFactory for CowFactory {
             let mut map = lock(&self.0.map);
             match map.size {
                 None => {
-                    map.states = States::for_disk("cow", size, self.0.bs)?;
+                    map.states = States::for_disk("cow", size, self.0.bs, &cx.budget)?;
                     map.size = Some(size);
                 }
                 Some(s) if s != size => {

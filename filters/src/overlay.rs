@@ -147,11 +147,18 @@ const MAX_STATE_BYTES: u64 = 1 << 30;
 /// Two bits of state per block, packed. Every state is 0 initially.
 pub(crate) struct States {
     bits: Vec<u8>,
+    /// The map's bytes, reserved from the server's memory budget for as long as it lives.
+    _held: Option<blocksmith_core::budget::Reservation>,
 }
 
 impl States {
     /// A map for a disk of `size` bytes in blocks of `bs`, or why it would be too big.
-    pub(crate) fn for_disk(filter: &str, size: u64, bs: u64) -> Result<States, NbdError> {
+    pub(crate) fn for_disk(
+        filter: &str,
+        size: u64,
+        bs: u64,
+        budget: &blocksmith_core::budget::Budget,
+    ) -> Result<States, NbdError> {
         let bytes = size.div_ceil(bs).div_ceil(4);
         if bytes > MAX_STATE_BYTES {
             return Err(NbdError::msg(
@@ -162,11 +169,17 @@ impl States {
                 ),
             ));
         }
-        Ok(States::new(size.div_ceil(bs)))
+        let held = budget.reserve(bytes as usize).ok_or_else(|| {
+            NbdError::msg(
+                blocksmith_core::error::Errno::NoMem,
+                format!("{filter}: the block map needs {bytes} bytes and the memory budget is spent"),
+            )
+        })?;
+        Ok(States { _held: Some(held), ..States::new(size.div_ceil(bs)) })
     }
 
     pub(crate) fn new(blocks: u64) -> States {
-        States { bits: vec![0; blocks.div_ceil(4) as usize] }
+        States { bits: vec![0; blocks.div_ceil(4) as usize], _held: None }
     }
     pub(crate) fn get(&self, b: u64) -> u8 {
         let byte = self.bits.get((b / 4) as usize).copied().unwrap_or(0);
@@ -481,6 +494,18 @@ mod tests {
     use blocksmith_core::sched::SimScheduler;
     use std::cell::Cell;
     use std::rc::Rc;
+
+    #[test]
+    fn the_block_map_comes_from_the_budget() {
+        let budget = blocksmith_core::budget::Budget::new(1000);
+        // 64 MiB in 64 KiB blocks: 1024 blocks, 256 bytes of map.
+        let m = States::for_disk("cow", 64 << 20, 64 << 10, &budget).unwrap();
+        assert_eq!(budget.used(), 256);
+        let e = States::for_disk("cow", 1 << 30, 64 << 10, &budget).err().unwrap();
+        assert!(e.message.unwrap().contains("memory budget"));
+        drop(m);
+        assert_eq!(budget.used(), 0);
+    }
 
     #[test]
     fn states_pack_two_bits_per_block() {
