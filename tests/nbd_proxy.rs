@@ -433,3 +433,170 @@ fn proxy_over_tcp_by_hostname_and_by_uri_with_an_export_name() {
     assert!(s.contains("export=first "), "upstream log: {s}");
     assert!(s.contains("second disk"), "upstream log: {s}");
 }
+
+// ---- TLS towards the upstream ------------------------------------------------------------------
+
+fn certtool(dir: &Path, args: &[&str], template: &str) {
+    let path = dir.join("template.info");
+    fs::write(&path, template).expect("write certtool template");
+    run_ok(tool("certtool").current_dir(dir).args(args).arg("--template").arg(&path));
+}
+
+/// A CA and a server certificate for localhost signed by it (made with certtool, as
+/// tests/tls.rs does): `srv/` is the server's directory, `cli/` holds only `ca-cert.pem`,
+/// `rogue/` holds another CA's certificate as `ca-cert.pem`.
+fn make_pki(d: &Path) {
+    for k in ["ca-key.pem", "server-key.pem", "rogue-key.pem"] {
+        run_ok(tool("certtool").current_dir(d).args([
+            "--generate-privkey",
+            "--key-type=ecdsa",
+            "--outfile",
+            k,
+        ]));
+    }
+    certtool(
+        d,
+        &["--generate-self-signed", "--load-privkey", "ca-key.pem", "--outfile", "ca-cert.pem"],
+        "cn = blocksmith test CA\nca\ncert_signing_key\nexpiration_days = 2\n",
+    );
+    certtool(
+        d,
+        &["--generate-self-signed", "--load-privkey", "rogue-key.pem", "--outfile", "rogue-cert.pem"],
+        "cn = rogue CA\nca\ncert_signing_key\nexpiration_days = 2\n",
+    );
+    certtool(
+        d,
+        &[
+            "--generate-certificate",
+            "--load-privkey",
+            "server-key.pem",
+            "--load-ca-certificate",
+            "ca-cert.pem",
+            "--load-ca-privkey",
+            "ca-key.pem",
+            "--outfile",
+            "server-cert.pem",
+        ],
+        "organization = blocksmith\ncn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\n\
+         tls_www_server\nsigning_key\nexpiration_days = 2\n",
+    );
+    for (sub, files) in [
+        (
+            "srv",
+            &[
+                ("ca-cert.pem", "ca-cert.pem"),
+                ("server-cert.pem", "server-cert.pem"),
+                ("server-key.pem", "server-key.pem"),
+            ][..],
+        ),
+        ("cli", &[("ca-cert.pem", "ca-cert.pem")][..]),
+        ("rogue", &[("rogue-cert.pem", "ca-cert.pem")][..]),
+    ] {
+        fs::create_dir_all(d.join(sub)).expect("mkdir");
+        for (from, to) in files {
+            fs::copy(d.join(from), d.join(sub).join(to)).expect("copy");
+        }
+    }
+}
+
+/// Write through the proxy with qemu-io and read it back, twice (the second time over a fresh
+/// client connection).
+fn write_and_read_back(proxy_uri: &str) {
+    qemu_io(
+        proxy_uri,
+        &["write -P 0x5a 0 1M", "write -P 0xa5 3M 64k", "flush", "read -P 0x5a 0 1M", "read -P 0xa5 3M 64k"],
+    );
+    qemu_io(proxy_uri, &["read -P 0x5a 0 1M", "read -P 0xa5 3M 64k", "read -P 0 2M 1M"]);
+}
+
+/// The proxy's open fails (the client sees an error), and the proxy itself keeps running.
+fn assert_open_fails(px: &mut Server) {
+    let out = run(tool("nbdinfo").arg(px.uri()));
+    assert!(!out.success(), "open through the proxy succeeded:\n{}", out.describe());
+    px.assert_alive();
+}
+
+#[test]
+fn tls_certificates_to_a_blocksmith_upstream() {
+    let dir = TempDir::new("pxtls");
+    make_pki(dir.path());
+    let srv_dir = format!("--tls-certificates={}", dir.join("srv").display());
+    let mut up = Server::unix(&["--tls=require", &srv_dir, "memory", "size=8M"]);
+    let cli = format!("tls-certificates={}", dir.join("cli").display());
+    let px = proxy(up.socket_path(), &["tls=require", &cli]);
+    write_and_read_back(&px.uri());
+    // With the host name checked; and by an nbds+unix URI with query parameters.
+    let px2 = proxy(up.socket_path(), &["tls=on", &cli, "tls-hostname=localhost"]);
+    qemu_io(&px2.uri(), &["read -P 0x5a 0 1M"]);
+    let uri = format!(
+        "uri=nbds+unix:///?socket={}&tls-certificates={}",
+        up.socket_path().display(),
+        dir.join("cli").display()
+    );
+    let px3 = Server::unix(&["nbd", &uri]);
+    qemu_io(&px3.uri(), &["read -P 0xa5 3M 64k"]);
+    // A certificate from a CA we do not trust, or for another name, fails the open; without
+    // verification the same certificate is accepted.
+    let rogue = format!("tls-certificates={}", dir.join("rogue").display());
+    let mut bad = proxy(up.socket_path(), &["tls=require", &rogue]);
+    assert_open_fails(&mut bad);
+    let mut bad = proxy(up.socket_path(), &["tls=require", &cli, "tls-hostname=elsewhere.example"]);
+    assert_open_fails(&mut bad);
+    let lax = proxy(up.socket_path(), &["tls=require", &rogue, "tls-verify=false"]);
+    qemu_io(&lax.uri(), &["read -P 0x5a 0 1M"]);
+    // Plaintext to a tls=require upstream is refused by it.
+    let mut plain = proxy(up.socket_path(), &[]);
+    assert_open_fails(&mut plain);
+    up.assert_alive();
+}
+
+#[test]
+fn tls_psk_to_a_blocksmith_upstream() {
+    let dir = TempDir::new("pxpsk");
+    let (keys, other) = (dir.join("keys.psk"), dir.join("other.psk"));
+    run_ok(tool("psktool").args(["-u", "alice", "-p"]).arg(&keys));
+    run_ok(tool("psktool").args(["-u", "alice", "-p"]).arg(&other));
+    let mut up =
+        Server::unix(&["--tls=require", &format!("--tls-psk={}", keys.display()), "memory", "size=8M"]);
+    let psk = format!("tls-psk={}", keys.display());
+    let px = proxy(up.socket_path(), &["tls=require", "tls-username=alice", &psk]);
+    write_and_read_back(&px.uri());
+    // The same key under an nbds+unix URI with the user name in it.
+    let uri = format!(
+        "uri=nbds+unix://alice@/?socket={}&tls-psk-file={}",
+        up.socket_path().display(),
+        keys.display()
+    );
+    let px2 = Server::unix(&["nbd", &uri]);
+    qemu_io(&px2.uri(), &["read -P 0x5a 0 1M"]);
+    // A wrong key: the open fails, the proxy and the upstream keep serving.
+    let wrong = format!("tls-psk={}", other.display());
+    let mut bad = proxy(up.socket_path(), &["tls=require", "tls-username=alice", &wrong]);
+    assert_open_fails(&mut bad);
+    up.assert_alive();
+    qemu_io(&px.uri(), &["read -P 0xa5 3M 64k"]);
+}
+
+#[test]
+fn tls_certificates_to_an_nbdkit_upstream() {
+    let dir = TempDir::new("pxnbdkit");
+    make_pki(dir.path());
+    let srv_dir = format!("--tls-certificates={}", dir.join("srv").display());
+    let mut up = Server::nbdkit_unix(&["--tls=require", &srv_dir, "memory", "size=8M"]);
+    let cli = format!("tls-certificates={}", dir.join("cli").display());
+    let px = proxy(up.socket_path(), &["tls=require", &cli]);
+    write_and_read_back(&px.uri());
+    up.assert_alive();
+}
+
+#[test]
+fn tls_on_falls_back_to_plaintext_when_the_upstream_has_none() {
+    let dir = TempDir::new("pxon");
+    make_pki(dir.path());
+    let up = Server::unix(&["memory", "size=8M"]);
+    let cli = format!("tls-certificates={}", dir.join("cli").display());
+    let px = proxy(up.socket_path(), &["tls=on", &cli]);
+    write_and_read_back(&px.uri());
+    let mut strict = proxy(up.socket_path(), &["tls=require", &cli]);
+    assert_open_fails(&mut strict);
+}

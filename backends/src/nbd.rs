@@ -16,8 +16,14 @@
 //!
 //! Differences from nbdkit's plugin: connections are per event loop and capped (see `pool`);
 //! a dropped upstream connection is re-established automatically with backoff; requests made
-//! while it is down fail at once with EIO instead of waiting; no TLS, vsock, `socket-fd=` or
+//! while it is down fail at once with EIO instead of waiting; no vsock, `socket-fd=` or
 //! `dynamic-export=`.
+//!
+//! TLS towards the upstream (`tls=`, `tls-certificates=`, `tls-verify=`, `tls-hostname=`,
+//! `tls-username=`, `tls-psk=`, and `nbds://` URIs): after the greeting the lane sends
+//! NBD_OPT_STARTTLS and, once acknowledged, runs a sans-IO client session
+//! ([`blocksmith_core::tls::client`]: rustls for certificates, OpenSSL for PSK) between the
+//! socket and the machine; the rest of the handshake and all requests go through it.
 
 pub mod command;
 pub mod lane;
@@ -39,8 +45,9 @@ use blocksmith_core::layer::{
 use blocksmith_core::proto::*;
 use blocksmith_core::ConfigError;
 
+use blocksmith_core::tls::client::ClientTls;
 use lane::{Lane, Waiter};
-use machine::{Op, UpstreamInfo};
+use machine::{Op, TlsMode, UpstreamInfo};
 use pool::{pool_for, Pool};
 use uri::{parse_port, parse_uri, Addr, DEFAULT_PORT};
 
@@ -65,7 +72,9 @@ pub const SPEC: BackendSpec = BackendSpec {
         ParamSpec {
             name: "uri",
             help: "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (the export name is\n\
-                   the percent-decoded path). nbds:// (TLS) and nbd+vsock:// are not supported.",
+                   the percent-decoded path). nbds:// and nbds+unix:// imply tls=require and take\n\
+                   tls-certificates=DIR, tls-psk-file=FILE, tls-verify-peer=, tls-hostname= query\n\
+                   parameters (and USER@ for the PSK user name). nbd+vsock:// is not supported.",
         },
         ParamSpec { name: "socket", help: "Unix socket of the upstream server." },
         ParamSpec { name: "hostname", help: "TCP host of the upstream server." },
@@ -104,7 +113,29 @@ pub const SPEC: BackendSpec = BackendSpec {
             help: "(blocksmith) Most upstream connections per event loop (default 4), however\n\
                    many clients connect: at most max-upstream x --threads in total.",
         },
-        ParamSpec { name: "tls", help: "Only 'off' is supported: this backend does not speak TLS." },
+        ParamSpec {
+            name: "tls",
+            help: "off (default), on (STARTTLS, plaintext if the upstream refuses) or require.",
+        },
+        ParamSpec {
+            name: "tls-certificates",
+            help: "Directory with ca-cert.pem (the CA the upstream's certificate must chain to)\n\
+                   and optionally client-cert.pem and client-key.pem (default: system CAs).",
+        },
+        ParamSpec {
+            name: "tls-verify",
+            help: "true (default): verify the upstream's certificate; false: accept any.",
+        },
+        ParamSpec {
+            name: "tls-hostname",
+            help: "Name the upstream's certificate must carry (default: hostname=; over a Unix\n\
+                   socket, only the chain is checked).",
+        },
+        ParamSpec { name: "tls-username", help: "PSK user name (default: the login name)." },
+        ParamSpec {
+            name: "tls-psk",
+            help: "psktool key file (USER:HEXKEY lines): TLS with a pre-shared key.",
+        },
     ],
     make,
 };
@@ -122,6 +153,9 @@ pub struct Config {
     pub max_upstream: usize,
     pub retry: u32,
     pub command: Option<command::CommandServer>,
+    /// `tls=`; with anything but off, `tls` holds the credentials.
+    pub tls_mode: TlsMode,
+    pub tls: Option<ClientTls>,
     /// Connected to ready ([`lane::HANDSHAKE_TIMEOUT`]; shorter in tests).
     pub handshake_timeout: std::time::Duration,
 }
@@ -155,20 +189,19 @@ fn configure(params: &mut Params) -> Result<Config, ConfigError> {
         ("vsock", "vsock is not supported"),
         ("socket-fd", "socket-fd= is not supported"),
         ("dynamic-export", "dynamic-export= is not supported; every client gets export="),
-        ("tls-certificates", "TLS is not supported"),
-        ("tls-verify", "TLS is not supported"),
-        ("tls-username", "TLS is not supported"),
-        ("tls-psk", "TLS is not supported"),
     ] {
         if params.take(key).is_some() {
             return Err(err(why));
         }
     }
-    if let Some(t) = params.take("tls") {
-        if !matches!(t.trim(), "off" | "0" | "false" | "no") {
-            return Err(err(format!("tls={t}: TLS is not supported (only tls=off)")));
-        }
-    }
+    let mut tls = TlsParams {
+        mode: params.take("tls").map(|t| parse_tls_mode(&t)).transpose().map_err(err)?,
+        certificates: params.take("tls-certificates"),
+        verify: params.take_bool("tls-verify").map_err(err)?,
+        hostname: params.take("tls-hostname"),
+        username: params.take("tls-username"),
+        psk: params.take("tls-psk"),
+    };
     let uri = params.take("uri");
     let socket = params.take("socket");
     let hostname = params.take("hostname");
@@ -209,6 +242,7 @@ fn configure(params: &mut Params) -> Result<Config, ConfigError> {
             return Err(err("export= cannot be combined with uri= (put the export in the URI)"));
         }
         let t = parse_uri(u.trim()).map_err(err)?;
+        tls.merge_uri(&t.tls).map_err(err)?;
         (t.addr, t.export)
     } else if let Some(s) = socket {
         (Addr::Unix(s.into()), export.unwrap_or_default())
@@ -233,6 +267,7 @@ fn configure(params: &mut Params) -> Result<Config, ConfigError> {
         return Err(err("the export name is longer than 4096 bytes"));
     }
     let shared = shared.unwrap_or(server.is_some());
+    let (tls_mode, tls) = tls.build(&addr).map_err(err)?;
     Ok(Config {
         id,
         addr,
@@ -242,8 +277,88 @@ fn configure(params: &mut Params) -> Result<Config, ConfigError> {
         max_upstream,
         retry,
         command: server,
+        tls_mode,
+        tls,
         handshake_timeout: lane::HANDSHAKE_TIMEOUT,
     })
+}
+
+/// nbdkit-nbd-plugin's `tls=` values.
+fn parse_tls_mode(s: &str) -> Result<TlsMode, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "require" | "required" | "force" => Ok(TlsMode::Require),
+        "on" | "1" | "true" | "t" | "yes" | "y" | "allow" => Ok(TlsMode::On),
+        "off" | "0" | "false" | "f" | "no" | "n" | "disable" => Ok(TlsMode::Off),
+        _ => Err(format!("tls={s}: expected off, on or require")),
+    }
+}
+
+/// The `tls-*` parameters, merged with what an `nbds://` URI said.
+#[derive(Debug, Default)]
+struct TlsParams {
+    mode: Option<TlsMode>,
+    certificates: Option<String>,
+    verify: Option<bool>,
+    hostname: Option<String>,
+    username: Option<String>,
+    psk: Option<String>,
+}
+
+impl TlsParams {
+    /// An `nbds` URI implies tls=require; its query parameters fill what was not given
+    /// directly (a conflicting direct parameter is an error).
+    fn merge_uri(&mut self, u: &uri::UriTls) -> Result<(), String> {
+        if u.required {
+            if matches!(self.mode, Some(m) if m != TlsMode::Require) {
+                return Err("an nbds:// URI requires TLS: tls= must be require (or left out)".into());
+            }
+            self.mode = Some(TlsMode::Require);
+        } else if u.certificates.is_some() || u.psk_file.is_some() {
+            return Err("TLS query parameters need an nbds:// or nbds+unix:// URI".into());
+        }
+        fn merge<T: Clone + PartialEq>(
+            slot: &mut Option<T>,
+            v: &Option<T>,
+            what: &str,
+        ) -> Result<(), String> {
+            match (slot.as_ref(), v) {
+                (Some(a), Some(b)) if a != b => Err(format!("{what} given twice with different values")),
+                (None, Some(b)) => {
+                    *slot = Some(b.clone());
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
+        }
+        merge(&mut self.certificates, &u.certificates, "tls-certificates")?;
+        merge(&mut self.psk, &u.psk_file, "tls-psk")?;
+        merge(&mut self.verify, &u.verify, "tls-verify")?;
+        merge(&mut self.hostname, &u.hostname, "tls-hostname")?;
+        merge(&mut self.username, &u.username, "tls-username")?;
+        Ok(())
+    }
+
+    fn build(self, addr: &Addr) -> Result<(TlsMode, Option<ClientTls>), String> {
+        let mode = self.mode.unwrap_or_default();
+        if mode == TlsMode::Off {
+            return Ok((mode, None));
+        }
+        if let Some(psk) = &self.psk {
+            if self.certificates.is_some() {
+                return Err("give tls-psk= or tls-certificates=, not both".into());
+            }
+            let c = ClientTls::psk(std::path::Path::new(psk), self.username.as_deref())?;
+            return Ok((mode, Some(c)));
+        }
+        // libnbd checks the host name it connected to; over a Unix socket only the chain.
+        let host = self.hostname.or_else(|| match addr {
+            Addr::Tcp { host, .. } => Some(host.clone()),
+            _ => None,
+        });
+        let dir = self.certificates.as_deref().map(std::path::Path::new);
+        let c = ClientTls::certificates(dir, self.verify.unwrap_or(true), host.as_deref())?;
+        Ok((mode, Some(c)))
+    }
 }
 
 /// The configured backend.

@@ -29,6 +29,7 @@ use std::time::Duration;
 use blocksmith_core::error::NbdError;
 use blocksmith_core::layer::{Done, Extents};
 use blocksmith_core::sched::{Sched, TimerId, WatchId};
+use blocksmith_core::tls::TlsSession;
 
 use super::machine::{Completion, Machine, Op, Reply, UpstreamInfo};
 use super::uri::Addr;
@@ -84,6 +85,27 @@ impl Stream {
             Stream::Unix(s) => s.write_vectored(b),
             Stream::Tcp(s) => s.write_vectored(b),
         }
+    }
+}
+
+/// The socket as `Read`/`Write`, for a TLS session to move ciphertext through.
+struct Io<'a>(&'a mut Stream);
+
+impl Read for Io<'_> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        self.0.read(b)
+    }
+}
+
+impl Write for Io<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.write_vectored(&[IoSlice::new(b)])
+    }
+    fn write_vectored(&mut self, b: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.write_vectored(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -156,6 +178,8 @@ struct Live {
     watch: Option<WatchId>,
     m: Machine<Waiter>,
     rbuf: Vec<u8>,
+    /// After STARTTLS: every socket byte goes through this session.
+    tls: Option<Box<dyn TlsSession>>,
 }
 
 enum State {
@@ -318,7 +342,13 @@ impl Lane {
         };
         let Some(me) = self.rc() else { return };
         let fd = sock.fd();
-        let live = Live { sock, watch: None, m: Machine::new(&self.cfg.export), rbuf: vec![0; READ_CHUNK] };
+        let live = Live {
+            sock,
+            watch: None,
+            m: Machine::with_tls(&self.cfg.export, self.cfg.tls_mode),
+            rbuf: vec![0; READ_CHUNK],
+            tls: None,
+        };
         *self.state.borrow_mut() = State::Up(Box::new(live));
         // Edge-triggered: registering reports what is already readable, so a greeting that
         // arrived before the watch is not missed.
@@ -447,7 +477,7 @@ impl Lane {
             let mut st = self.state.borrow_mut();
             let State::Up(live) = &mut *st else { return };
             let was_ready = live.m.is_ready();
-            let outcome = read_some(live);
+            let outcome = read_some(live, &self.cfg);
             let mut completions = live.m.take_completions();
             let outcome = match outcome {
                 Ok(more) => match flush(live) {
@@ -545,6 +575,13 @@ impl Lane {
         }
         if let State::Up(mut live) = old {
             live.m.disconnect();
+            if live.tls.is_some() {
+                // close_notify after the DISC, which this flush encrypts first.
+                let _ = flush(&mut live);
+                if let Some(s) = live.tls.as_mut() {
+                    s.send_close_notify();
+                }
+            }
             // Best effort: a 28-byte DISC fits any socket buffer; if not, closing is enough.
             let _ = flush(&mut live);
             if let Some(w) = live.watch.take() {
@@ -558,7 +595,10 @@ impl Lane {
 }
 
 /// Read until `WouldBlock` or the budget; feed the machine. `Ok(true)`: stopped on the budget.
-fn read_some(live: &mut Live) -> Result<bool, String> {
+fn read_some(live: &mut Live, cfg: &Config) -> Result<bool, String> {
+    if live.tls.is_some() {
+        return read_some_tls(live);
+    }
     let Live { sock, m, rbuf, .. } = live;
     let mut budget = READ_BUDGET;
     loop {
@@ -580,6 +620,84 @@ fn read_some(live: &mut Live) -> Result<bool, String> {
             Ok((n, false)) => {
                 budget = budget.saturating_sub(n);
                 m.feed(&rbuf[..n]).map_err(|f| format!("protocol error: {}", f.0))?;
+                if m.wants_tls() {
+                    // STARTTLS was accepted: from here on the socket carries TLS records.
+                    start_tls(live, cfg)?;
+                    return read_some_tls(live);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+}
+
+/// Begin the TLS handshake: the session's ClientHello goes out with the next flush.
+fn start_tls(live: &mut Live, cfg: &Config) -> Result<(), String> {
+    let Some(client) = &cfg.tls else {
+        return Err("internal error: STARTTLS without TLS credentials".to_string());
+    };
+    if !live.m.out().is_empty() {
+        return Err("internal error: plaintext queued across STARTTLS".to_string());
+    }
+    let session = client.new_session().map_err(|e| format!("TLS: {e}"))?;
+    live.tls = Some(session);
+    Ok(())
+}
+
+/// [`read_some`] inside TLS: ciphertext from the socket into the session, plaintext from the
+/// session into the machine (READ data straight into the request's buffer).
+fn read_some_tls(live: &mut Live) -> Result<bool, String> {
+    let Live { sock, m, rbuf, tls, .. } = live;
+    let Some(s) = tls.as_mut() else { return Ok(false) };
+    let mut budget = READ_BUDGET;
+    loop {
+        // Take what is decrypted first.
+        loop {
+            let r = match m.data_target() {
+                Some(dst) => s.read_plain(dst).map(|n| (n, true)),
+                None => s.read_plain(rbuf).map(|n| (n, false)),
+            };
+            match r {
+                Ok((0, _)) => return Err("upstream closed the TLS session".to_string()),
+                Ok((n, true)) => m.data_received(n),
+                Ok((n, false)) => m.feed(&rbuf[..n]).map_err(|f| format!("protocol error: {}", f.0))?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err("upstream closed the connection".to_string())
+                }
+                Err(e) => return Err(format!("TLS: {e}")),
+            }
+        }
+        if m.wants_tls() && !s.is_handshaking() {
+            m.tls_established();
+            log::debug!("nbd: TLS with upstream: {}", s.describe());
+        }
+        if budget == 0 {
+            return Ok(true);
+        }
+        if !s.wants_read() {
+            // Closed, or input it cannot take yet: nothing more to do on this event.
+            return Ok(false);
+        }
+        match s.read_tls(&mut Io(sock)) {
+            Ok(0) => {
+                // The rest of what was decrypted is taken above on the next turn; a peer that
+                // hung up mid-stream is reported by `read_plain`.
+                s.process().map_err(|e| format!("TLS: {e}"))?;
+                budget = budget.saturating_sub(1);
+                if s.wants_read() {
+                    return Err("upstream closed the connection".to_string());
+                }
+            }
+            Ok(n) => {
+                budget = budget.saturating_sub(n);
+                if let Err(e) = s.process() {
+                    // Best effort: tell the server why (the alert), then drop.
+                    let _ = s.write_tls(&mut Io(sock));
+                    return Err(format!("TLS: {e}"));
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -590,8 +708,29 @@ fn read_some(live: &mut Live) -> Result<bool, String> {
 
 /// Write queued bytes until done or `WouldBlock`.
 fn flush(live: &mut Live) -> Result<(), String> {
-    let Live { sock, m, .. } = live;
+    let Live { sock, m, tls, .. } = live;
     let out = m.out();
+    if let Some(s) = tls.as_mut() {
+        loop {
+            // Encrypt what is queued (as much as the session takes), then send ciphertext.
+            if !out.is_empty() && !s.is_handshaking() {
+                let mut iov = [IoSlice::new(&[]); 64];
+                let n = out.iovecs(&mut iov);
+                let w = s.write_plain(&iov[..n]).map_err(|e| format!("TLS: {e}"))?;
+                out.consume(w);
+            }
+            if !s.wants_write() {
+                return Ok(());
+            }
+            match s.write_tls(&mut Io(sock)) {
+                Ok(0) => return Err("upstream stopped accepting data".to_string()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("write: {e}")),
+            }
+        }
+    }
     while !out.is_empty() {
         let mut iov = [IoSlice::new(&[]); 64];
         let n = out.iovecs(&mut iov);

@@ -183,6 +183,9 @@ enum Phase {
     ExportName {
         len: usize,
     },
+    /// STARTTLS was accepted: the driver runs the TLS handshake, then calls
+    /// [`Machine::tls_established`]. No plaintext byte may arrive meanwhile.
+    StartTls,
     Ready(Rx),
     /// A fatal error happened; nothing more is read.
     Dead,
@@ -220,8 +223,23 @@ fn fill(acc: &mut Vec<u8>, need: usize, input: &mut &[u8]) -> bool {
     acc.len() >= need
 }
 
+/// `tls=` towards the upstream (nbdkit-nbd-plugin's values).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Never STARTTLS.
+    #[default]
+    Off,
+    /// STARTTLS; continue in plaintext if the server refuses it.
+    On,
+    /// STARTTLS, and fail if the server refuses it (or cannot be asked).
+    Require,
+}
+
 pub struct Machine<T> {
     export: String,
+    tls: TlsMode,
+    /// TLS was established: everything after it runs inside the session.
+    encrypted: bool,
     phase: Phase,
     acc: Vec<u8>,
     out: OutQueue,
@@ -240,8 +258,15 @@ pub struct Machine<T> {
 impl<T> Machine<T> {
     /// A machine for a fresh connection to `export`; it waits for the server's greeting.
     pub fn new(export: &str) -> Self {
+        Self::with_tls(export, TlsMode::Off)
+    }
+
+    /// A machine that negotiates TLS first as `tls` says.
+    pub fn with_tls(export: &str, tls: TlsMode) -> Self {
         Machine {
             export: export.to_string(),
+            tls,
+            encrypted: false,
             phase: Phase::Greeting,
             acc: Vec::with_capacity(64),
             out: OutQueue::default(),
@@ -275,6 +300,24 @@ impl<T> Machine<T> {
             structured: self.structured,
             extents: self.meta_id.is_some(),
         })
+    }
+
+    /// The server accepted STARTTLS: the TLS handshake is due now (the output queue is empty).
+    pub fn wants_tls(&self) -> bool {
+        self.phase == Phase::StartTls
+    }
+
+    /// The TLS handshake finished: the option haggling continues inside the session.
+    pub fn tls_established(&mut self) {
+        if self.phase == Phase::StartTls {
+            self.encrypted = true;
+            self.send_option(OPT_STRUCTURED_REPLY, &[]);
+        }
+    }
+
+    /// TLS is in use on this connection.
+    pub fn is_encrypted(&self) -> bool {
+        self.encrypted
     }
 
     pub fn out(&mut self) -> &mut OutQueue {
@@ -341,6 +384,7 @@ impl<T> Machine<T> {
             let r = match self.phase {
                 Phase::Ready(rx) => self.rx(rx, &mut input),
                 Phase::Dead => return fatal("connection already failed"),
+                Phase::StartTls => return fatal("plaintext data after the server accepted STARTTLS"),
                 _ => self.handshake(&mut input),
             };
             if let Err(e) = r {
@@ -406,7 +450,11 @@ impl<T> Machine<T> {
                     cflags |= FLAG_C_NO_ZEROES;
                 }
                 self.out.small().extend_from_slice(&cflags.to_be_bytes());
-                if fixed {
+                if fixed && self.tls != TlsMode::Off {
+                    self.send_option(OPT_STARTTLS, &[]);
+                } else if self.tls == TlsMode::Require {
+                    return fatal("tls=require, but the upstream is not fixed newstyle (no STARTTLS)");
+                } else if fixed {
                     self.send_option(OPT_STRUCTURED_REPLY, &[]);
                 } else {
                     // Plain newstyle knows no option but EXPORT_NAME.
@@ -416,6 +464,9 @@ impl<T> Machine<T> {
             Phase::Oldstyle => {
                 if !fill(&mut self.acc, OLDSTYLE_REST_LEN, input) {
                     return Ok(());
+                }
+                if self.tls == TlsMode::Require {
+                    return fatal("tls=require, but the upstream speaks oldstyle (no STARTTLS)");
                 }
                 let mut b = [0u8; OLDSTYLE_REST_LEN];
                 b.copy_from_slice(&self.acc);
@@ -473,7 +524,7 @@ impl<T> Machine<T> {
                 self.meta_id = None;
                 self.phase = Phase::Ready(Rx::Magic);
             }
-            Phase::Ready(_) | Phase::Dead => {}
+            Phase::StartTls | Phase::Ready(_) | Phase::Dead => {}
         }
         Ok(())
     }
@@ -484,6 +535,17 @@ impl<T> Machine<T> {
         let is_error = reply_type & REP_FLAG_ERROR != 0;
         let refusal = || format!("{}: {}", reply_type_name(reply_type), lossy_string(&data));
         match opt {
+            OPT_STARTTLS => match reply_type {
+                REP_ACK => self.phase = Phase::StartTls,
+                _ if is_error && self.tls == TlsMode::Require => {
+                    return fatal(format!("tls=require, but the upstream refused STARTTLS ({})", refusal()));
+                }
+                _ if is_error => {
+                    log::info!("nbd: upstream refused STARTTLS ({}); continuing in plaintext", refusal());
+                    self.send_option(OPT_STRUCTURED_REPLY, &[]);
+                }
+                _ => return fatal(format!("unexpected {} to STARTTLS", reply_type_name(reply_type))),
+            },
             OPT_STRUCTURED_REPLY => match reply_type {
                 REP_ACK => {
                     self.structured = true;

@@ -22,7 +22,7 @@ use blocksmith_core::layer::{
 };
 use blocksmith_core::proto::*;
 
-use super::machine::{Fatal, Machine, Op, Reply, UpstreamInfo};
+use super::machine::{Fatal, Machine, Op, Reply, TlsMode, UpstreamInfo};
 use super::*;
 use crate::memory::MemoryFactory;
 use crate::testutil::{make_err, params};
@@ -327,6 +327,53 @@ fn handshake_failures_are_fatal_with_a_reason() {
     assert_eq!(m.submit(Op::Flush, 0, 0, 9), Err(9));
 }
 
+#[test]
+fn starttls_comes_first_and_refusals_follow_the_mode() {
+    // Accepted: nothing more is sent until the driver has a session.
+    for mode in [TlsMode::On, TlsMode::Require] {
+        let mut m: Machine<u32> = Machine::with_tls("", mode);
+        feed(&mut m, &greeting(3), 1).unwrap();
+        let out = sent(&mut m);
+        assert_eq!(options(&out[4..]), vec![(OPT_STARTTLS, Vec::new())]);
+        feed(&mut m, &reply(OPT_STARTTLS, REP_ACK, &[]), 3).unwrap();
+        assert!(m.wants_tls() && sent(&mut m).is_empty());
+        // Plaintext after the ACK is a protocol error.
+        let mut m2: Machine<u32> = Machine::with_tls("", mode);
+        let mut b = greeting(3);
+        b.extend(reply(OPT_STARTTLS, REP_ACK, &[]));
+        b.push(0x16);
+        assert!(m2.feed(&b).unwrap_err().0.contains("after the server accepted STARTTLS"));
+        // Inside TLS the handshake goes on as usual.
+        m.tls_established();
+        assert!(m.is_encrypted() && !m.wants_tls());
+        assert_eq!(options(&sent(&mut m))[0].0, OPT_STRUCTURED_REPLY);
+    }
+    // tls=on: a refusal means plaintext.
+    for refusal in [REP_ERR_POLICY, REP_ERR_UNSUP] {
+        let mut m: Machine<u32> = Machine::with_tls("", TlsMode::On);
+        m.feed(&greeting(3)).unwrap();
+        sent(&mut m);
+        m.feed(&reply(OPT_STARTTLS, refusal, b"no tls here")).unwrap();
+        assert!(!m.wants_tls() && !m.is_encrypted());
+        assert_eq!(options(&sent(&mut m))[0].0, OPT_STRUCTURED_REPLY);
+    }
+    // tls=require: a refusal, a plain newstyle or an oldstyle server is fatal.
+    let mut m: Machine<u32> = Machine::with_tls("", TlsMode::Require);
+    m.feed(&greeting(3)).unwrap();
+    let e = m.feed(&reply(OPT_STARTTLS, REP_ERR_POLICY, b"off")).unwrap_err();
+    assert!(e.0.contains("refused STARTTLS") && e.0.contains("NBD_REP_ERR_POLICY"), "{e:?}");
+    let mut m: Machine<u32> = Machine::with_tls("", TlsMode::Require);
+    assert!(m.feed(&greeting(0)).unwrap_err().0.contains("not fixed newstyle"));
+    let mut m: Machine<u32> = Machine::with_tls("", TlsMode::Require);
+    let mut g = Vec::new();
+    encode_oldstyle_greeting(&mut g, 1 << 20, 0);
+    assert!(m.feed(&g).unwrap_err().0.contains("oldstyle"));
+    // tls=on with an oldstyle server: plaintext.
+    let mut m: Machine<u32> = Machine::with_tls("", TlsMode::On);
+    m.feed(&g).unwrap();
+    assert!(m.is_ready());
+}
+
 // ---- Transmission ----------------------------------------------------------------------------
 
 #[test]
@@ -613,9 +660,13 @@ fn parameters() {
         (&[("socket", "/s"), ("port", "1")][..], "port= goes with hostname="),
         (&[("socket", "/s"), ("arg", "1")][..], "arg= goes with command="),
         (&[("uri", "nbd://h/x"), ("export", "y")][..], "cannot be combined"),
-        (&[("uri", "nbds://h")][..], "TLS"),
-        (&[("socket", "/s"), ("tls", "require")][..], "TLS"),
-        (&[("socket", "/s"), ("tls-psk", "f")][..], "TLS"),
+        (&[("uri", "nbds://h"), ("tls", "off")][..], "requires TLS"),
+        (&[("uri", "nbd://h?tls-certificates=/d")][..], "nbds://"),
+        (&[("socket", "/s"), ("tls", "maybe")][..], "tls=maybe"),
+        (&[("socket", "/s"), ("tls", "require"), ("tls-psk", "/nonexistent/k")][..], "/nonexistent/k"),
+        (&[("socket", "/s"), ("tls", "on"), ("tls-psk", "f"), ("tls-certificates", "d")][..], "not both"),
+        (&[("socket", "/s"), ("tls", "on"), ("tls-certificates", "/nonexistent/d")][..], "ca-cert.pem"),
+        (&[("socket", "/s"), ("tls-verify", "maybe")][..], "tls-verify"),
         (&[("socket", "/s"), ("dynamic-export", "true")][..], "dynamic-export"),
         (&[("vsock", "2")][..], "vsock"),
         (&[("socket", "/s"), ("retry", "-1")][..], "retry"),
@@ -643,18 +694,21 @@ struct Upstream {
 
 impl Upstream {
     fn start(path: &Path, size: u64, conn: ConnConfig) -> Upstream {
+        Upstream::start_tls(path, size, conn, None)
+    }
+
+    fn start_tls(
+        path: &Path,
+        size: u64,
+        conn: ConnConfig,
+        tls: Option<blocksmith_core::tls::ServerTls>,
+    ) -> Upstream {
         let _ = std::fs::remove_file(path);
         let l = UnixListener::bind(path).expect("bind upstream socket");
         let control = ServerControl::new();
         let stack = Stack::new(("memory".into(), Arc::new(MemoryFactory::new(size))), vec![]);
-        let cfg = ServerConfig {
-            conn,
-            loops: 1,
-            io_threads: 1,
-            memory_limit: 256 << 20,
-            readonly: false,
-            tls: None,
-        };
+        let cfg =
+            ServerConfig { conn, loops: 1, io_threads: 1, memory_limit: 256 << 20, readonly: false, tls };
         let c = control.clone();
         let thread = std::thread::spawn(move || {
             let _ = serve(cfg, stack, vec![Listener::Unix(l)], c);
@@ -1114,4 +1168,46 @@ fn silent_upstream_times_out_the_handshake() {
     let e = open(&mut lp, &f).map(|_| ()).unwrap_err();
     assert!(e.message.as_deref().unwrap_or("").contains("handshake timed out"), "{e:?}");
     assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+/// TLS-PSK end to end in process: the upstream requires TLS, the lane negotiates it and proxies
+/// requests through the session; the wrong key fails the open and leaves the upstream serving.
+#[test]
+fn psk_tls_to_a_real_server() {
+    let dir = TestDir::new("psk");
+    let keys = dir.0.join("keys.psk");
+    std::fs::write(&keys, "alice:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n")
+        .unwrap();
+    let wrong = dir.0.join("wrong.psk");
+    std::fs::write(&wrong, "alice:ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100\n")
+        .unwrap();
+    let conn = ConnConfig { tls: blocksmith_core::tls::TlsPolicy::Require, ..ConnConfig::default() };
+    let tls = blocksmith_core::tls::ServerTls::psk(&keys).unwrap();
+    let _up = Upstream::start_tls(&dir.sock(), 1 << 20, conn, Some(tls));
+    let mut lp = LocalLoop::new().unwrap();
+    let sock = dir.sock().to_str().unwrap().to_string();
+    let keyfile = keys.to_str().unwrap().to_string();
+    let f =
+        factory(&[("socket", &sock), ("tls", "require"), ("tls-psk", &keyfile), ("tls-username", "alice")]);
+    let l = open(&mut lp, &f).unwrap();
+    assert_eq!(l.info().size, 1 << 20);
+    assert!(l.info().can_extents);
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    run(&mut lp, |d| l.pwrite(data.clone(), 4096, Flags::NONE, d)).unwrap();
+    assert_eq!(run(&mut lp, |d| l.pread(vec![0; data.len()], 4096, Flags::NONE, d)).unwrap(), data);
+    l.close();
+
+    let wrongfile = wrong.to_str().unwrap().to_string();
+    let f = factory(&[("socket", &sock), ("tls", "require"), ("tls-psk", &wrongfile)]);
+    let e = open(&mut lp, &f).map(|_| ()).unwrap_err();
+    assert!(e.message.as_deref().unwrap_or("").contains("TLS"), "{e:?}");
+    // Plaintext is refused by a tls=require upstream, and tls=on continues in plaintext only if
+    // STARTTLS is refused, which it is not here: tls=off gets TLS_REQD.
+    let f = factory(&[("socket", &sock)]);
+    assert!(open(&mut lp, &f).is_err());
+    // The server still serves.
+    let f = factory(&[("uri", &format!("nbds+unix:///?socket={sock}&tls-psk-file={keyfile}"))]);
+    let l = open(&mut lp, &f).unwrap();
+    assert_eq!(run(&mut lp, |d| l.pread(vec![0; 10], 4096, Flags::NONE, d)).unwrap(), data[..10]);
+    l.close();
 }

@@ -36,6 +36,20 @@ impl std::fmt::Display for Addr {
 pub struct Target {
     pub addr: Addr,
     pub export: String,
+    pub tls: UriTls,
+}
+
+/// What an `nbds` URI says about TLS (libnbd's query parameters).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UriTls {
+    /// The scheme was `nbds` / `nbds+unix`: TLS is required.
+    pub required: bool,
+    pub certificates: Option<String>,
+    pub psk_file: Option<String>,
+    pub verify: Option<bool>,
+    pub hostname: Option<String>,
+    /// The userinfo (`nbds://alice@host`): the PSK user name.
+    pub username: Option<String>,
 }
 
 /// A port: a number, or the service name `nbd`.
@@ -88,13 +102,12 @@ fn decode_string(s: &str, what: &str) -> Result<String, String> {
 pub fn parse_uri(uri: &str) -> Result<Target, String> {
     let bad = |why: &str| format!("uri '{uri}': {why}");
     let (scheme, rest) = uri.split_once("://").ok_or_else(|| bad("not a URI (no '://')"))?;
-    let unix = match scheme.to_ascii_lowercase().as_str() {
-        "nbd" => false,
-        "nbd+unix" => true,
-        "nbds" | "nbds+unix" | "nbds+vsock" => {
-            return Err(bad("TLS (nbds) is not supported by this backend"));
-        }
-        "nbd+vsock" => return Err(bad("vsock is not supported by this backend")),
+    let (unix, required) = match scheme.to_ascii_lowercase().as_str() {
+        "nbd" => (false, false),
+        "nbd+unix" => (true, false),
+        "nbds" => (false, true),
+        "nbds+unix" => (true, true),
+        "nbd+vsock" | "nbds+vsock" => return Err(bad("vsock is not supported by this backend")),
         other => return Err(bad(&format!("unknown scheme '{other}' (use nbd:// or nbd+unix://)"))),
     };
     if rest.contains('#') {
@@ -113,20 +126,37 @@ pub fn parse_uri(uri: &str) -> Result<Target, String> {
         decode_string(path.strip_prefix('/').unwrap_or(path), "the export name").map_err(|e| bad(&e))?;
 
     let mut socket = None;
+    let mut tls = UriTls { required, ..UriTls::default() };
     for kv in query.into_iter().flat_map(|q| q.split('&')).filter(|kv| !kv.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         match k {
             "socket" if unix => socket = Some(percent_decode(v).map_err(|e| bad(&e))?),
             "socket" => return Err(bad("socket= is only for nbd+unix:// URIs")),
+            "tls-certificates" => tls.certificates = Some(decode_string(v, k).map_err(|e| bad(&e))?),
+            "tls-psk-file" => tls.psk_file = Some(decode_string(v, k).map_err(|e| bad(&e))?),
+            "tls-hostname" => tls.hostname = Some(decode_string(v, k).map_err(|e| bad(&e))?),
+            "tls-verify-peer" => {
+                let b = blocksmith_core::config::parse_bool(&decode_string(v, k).map_err(|e| bad(&e))?)
+                    .map_err(|e| bad(&format!("tls-verify-peer: {e}")))?;
+                tls.verify = Some(b);
+            }
             k if k.starts_with("tls") => {
-                return Err(bad(&format!("{k}: TLS is not supported by this backend")));
+                return Err(bad(&format!("{k}: TLS query parameter not supported by this backend")));
             }
             k => return Err(bad(&format!("unknown query parameter '{k}'"))),
         }
     }
 
-    // Userinfo is a TLS user name, meaningless without TLS.
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    // Userinfo is the TLS (PSK) user name.
+    let hostport = match authority.rsplit_once('@') {
+        Some((user, h)) => {
+            if required && !user.is_empty() {
+                tls.username = Some(decode_string(user, "the user name").map_err(|e| bad(&e))?);
+            }
+            h
+        }
+        None => authority,
+    };
     if unix {
         if !hostport.is_empty() {
             return Err(bad("nbd+unix URIs take no host (write nbd+unix:///export?socket=PATH)"));
@@ -140,7 +170,7 @@ pub fn parse_uri(uri: &str) -> Result<Target, String> {
                 Addr::Unix(PathBuf::from(std::ffi::OsString::from_vec(s)))
             }
         };
-        return Ok(Target { addr, export });
+        return Ok(Target { addr, export, tls });
     }
     let (host, port) = if let Some(r) = hostport.strip_prefix('[') {
         let (h, after) = r.split_once(']').ok_or_else(|| bad("unterminated [IPv6 address]"))?;
@@ -162,7 +192,7 @@ pub fn parse_uri(uri: &str) -> Result<Target, String> {
     let host = decode_string(&host, "the host").map_err(|e| bad(&e))?;
     // libnbd's default for an empty host.
     let host = if host.is_empty() { "localhost".to_string() } else { host };
-    Ok(Target { addr: Addr::Tcp { host, port }, export })
+    Ok(Target { addr: Addr::Tcp { host, port }, export, tls })
 }
 
 #[cfg(test)]
@@ -170,7 +200,7 @@ mod tests {
     use super::*;
 
     fn tcp(host: &str, port: u16, export: &str) -> Target {
-        Target { addr: Addr::Tcp { host: host.into(), port }, export: export.into() }
+        Target { addr: Addr::Tcp { host: host.into(), port }, export: export.into(), tls: UriTls::default() }
     }
 
     #[test]
@@ -195,7 +225,6 @@ mod tests {
             "nbd://h/%ff",
             "nbd://h?socket=/x",
             "nbd://h/#frag",
-            "nbds://h",
             "nbd+vsock:///2",
             "http://h",
             "h:10809",
@@ -210,21 +239,52 @@ mod tests {
     fn unix_uris() {
         assert_eq!(
             parse_uri("nbd+unix:///?socket=/tmp/s"),
-            Ok(Target { addr: Addr::Unix("/tmp/s".into()), export: String::new() })
+            Ok(Target { addr: Addr::Unix("/tmp/s".into()), export: String::new(), tls: UriTls::default() })
         );
         assert_eq!(
             parse_uri("nbd+unix:///my%2Fdisk?socket=/tmp/a%20b"),
-            Ok(Target { addr: Addr::Unix("/tmp/a b".into()), export: "my/disk".into() })
+            Ok(Target {
+                addr: Addr::Unix("/tmp/a b".into()),
+                export: "my/disk".into(),
+                tls: UriTls::default()
+            })
         );
         assert_eq!(
             parse_uri("nbd+unix:///?socket=%00abs"),
-            Ok(Target { addr: Addr::Abstract(b"abs".to_vec()), export: String::new() })
+            Ok(Target {
+                addr: Addr::Abstract(b"abs".to_vec()),
+                export: String::new(),
+                tls: UriTls::default()
+            })
         );
         assert!(parse_uri("nbd+unix:///").is_err());
         assert!(parse_uri("nbd+unix:///?socket=").is_err());
         assert!(parse_uri("nbd+unix://host/?socket=/s").is_err());
-        assert!(parse_uri("nbds+unix:///?socket=/s").is_err());
-        assert!(parse_uri("nbd+unix:///?socket=/s&tls-certificates=/d").is_err());
+    }
+
+    #[test]
+    fn tls_uris() {
+        let t = parse_uri("nbds+unix:///d?socket=/s&tls-certificates=/c%20d&tls-verify-peer=false").unwrap();
+        assert_eq!(t.addr, Addr::Unix("/s".into()));
+        assert_eq!(t.export, "d");
+        let want = UriTls {
+            required: true,
+            certificates: Some("/c d".into()),
+            verify: Some(false),
+            ..UriTls::default()
+        };
+        assert_eq!(t.tls, want);
+        let t = parse_uri("nbds://alice@h:7/x?tls-psk-file=/k&tls-hostname=srv").unwrap();
+        assert_eq!(t.addr, Addr::Tcp { host: "h".into(), port: 7 });
+        assert_eq!(t.tls.username.as_deref(), Some("alice"));
+        assert_eq!(t.tls.psk_file.as_deref(), Some("/k"));
+        assert_eq!(t.tls.hostname.as_deref(), Some("srv"));
+        assert!(t.tls.required);
+        // Plain nbd:// records the parameters without requiring TLS (the caller refuses them).
+        assert!(!parse_uri("nbd://h?tls-certificates=/d").unwrap().tls.required);
+        assert!(parse_uri("nbds://h?tls-verify-peer=maybe").is_err());
+        assert!(parse_uri("nbds://h?tls-type=x").is_err());
+        assert!(parse_uri("nbds+vsock:///2").is_err());
     }
 
     #[test]
