@@ -35,6 +35,8 @@ pub struct Options {
     pub mask_handshake: Option<u16>,
     pub threads: Option<usize>,
     pub io_threads: Option<usize>,
+    /// `--io=uring|pool`: how the file backend does its IO.
+    pub io_pool: bool,
     pub memory_limit: Option<usize>,
     pub max_request: Option<u32>,
     pub ipv4_only: bool,
@@ -62,6 +64,7 @@ const VALUED: &[(&str, Option<char>)] = &[
     ("filter", None),
     ("threads", Some('t')),
     ("io-threads", None),
+    ("io", None),
     ("memory-limit", None),
     ("max-request", None),
     ("mask-handshake", None),
@@ -174,6 +177,13 @@ pub fn parse(args: &[String]) -> Result<Options, ConfigError> {
             "filter" => o.filters.push(v),
             "threads" => o.threads = Some(parse_count("--threads", &v)?),
             "io-threads" => o.io_threads = Some(parse_count("--io-threads", &v)?),
+            "io" => {
+                o.io_pool = match v.as_str() {
+                    "uring" | "io_uring" => false,
+                    "pool" | "threads" => true,
+                    _ => return Err(ConfigError::new(format!("--io: expected uring or pool, got '{v}'"))),
+                }
+            }
             "memory-limit" => {
                 let n = parse_size(&v).map_err(|e| ConfigError::new(format!("--memory-limit: {e}")))?;
                 o.memory_limit =
@@ -279,6 +289,8 @@ Serve a block device over NBD. Options (nbdkit's):
       --tls-verify-peer    require a client certificate signed by ca-cert.pem
   -t, --threads N          event loops (default: one per core)
       --io-threads N       threads for blocking file IO (default 8)
+      --io uring|pool      file IO through io_uring (default, when the kernel has it) or
+                           the thread pool
       --memory-limit SIZE  budget for request and reply buffers (default 1G)
       --max-request SIZE   largest READ/WRITE served (default 64M)
   -v, --verbose            debug messages on stderr

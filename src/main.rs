@@ -315,6 +315,10 @@ fn run(opts: Options) -> Result<ExitCode, String> {
         memory_limit
     );
 
+    if opts.io_pool {
+        blocksmith_core::io::uring::set_enabled(false);
+        log::debug!("file IO: blocking thread pool (--io=pool)");
+    }
     if opts.exit_with_parent {
         process::exit_with_parent().map_err(|e| format!("--exit-with-parent: {e}"))?;
     }
