@@ -259,7 +259,7 @@ impl ClientTls {
                 Ok(Box::new(RustlsClient { conn }))
             }
             #[cfg(feature = "psk")]
-            Kind::Psk { ctx, .. } => Ok(Box::new(psk::PskClient::new(ctx)?)),
+            Kind::Psk { ctx, .. } => Ok(Box::new(crate::tls::psk::PskSession::client(ctx)?)),
         }
     }
 
@@ -324,19 +324,14 @@ impl TlsSession for RustlsClient {
 
 #[cfg(feature = "psk")]
 mod psk {
-    use std::io::{self, IoSlice, Read, Write};
     use std::sync::Arc;
 
-    use openssl::ssl::{ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslStream, SslVersion};
+    use openssl::ssl::{SslContextBuilder, SslMethod, SslVersion};
 
     use super::{ClientTls, Kind};
-    use crate::tls::{PskKey, TlsSession};
+    use crate::tls::PskKey;
 
-    const TLS12_CIPHERS: &str =
-        "ECDHEPSK+AESGCM:ECDHEPSK+CHACHA20:PSK+AESGCM:PSK+CHACHA20:ECDHEPSK+AES:PSK+AES";
-    const IN_LIMIT: usize = 32 * 1024;
-    const OUT_LIMIT: usize = 64 * 1024;
-    const RECORD: usize = 16 * 1024;
+    use crate::tls::psk::TLS12_CIPHERS;
 
     pub(super) fn context(key: PskKey) -> Result<ClientTls, String> {
         let err = |e: openssl::error::ErrorStack| format!("TLS-PSK: {e}");
@@ -358,224 +353,5 @@ mod psk {
             Ok(secret.len())
         });
         Ok(ClientTls { kind: Kind::Psk { ctx: Arc::new(b.build()), username } })
-    }
-
-    #[derive(Default)]
-    struct Duplex {
-        incoming: Vec<u8>,
-        in_pos: usize,
-        outgoing: Vec<u8>,
-        out_pos: usize,
-        eof: bool,
-    }
-
-    impl Duplex {
-        fn unread(&self) -> usize {
-            self.incoming.len() - self.in_pos
-        }
-        fn unsent(&self) -> usize {
-            self.outgoing.len() - self.out_pos
-        }
-    }
-
-    impl Read for Duplex {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            if self.unread() == 0 {
-                return if self.eof { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
-            }
-            let n = buf.len().min(self.unread());
-            buf[..n].copy_from_slice(&self.incoming[self.in_pos..self.in_pos + n]);
-            self.in_pos += n;
-            if self.in_pos == self.incoming.len() {
-                self.incoming.clear();
-                self.in_pos = 0;
-            }
-            Ok(n)
-        }
-    }
-
-    impl Write for Duplex {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.outgoing.extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    pub(super) struct PskClient {
-        stream: SslStream<Duplex>,
-        handshaking: bool,
-        failed: bool,
-        closed: bool,
-    }
-
-    fn describe_error(e: &openssl::ssl::Error) -> String {
-        match e.ssl_error() {
-            Some(stack) => stack.to_string(),
-            None => e.to_string(),
-        }
-    }
-
-    impl PskClient {
-        pub(super) fn new(ctx: &SslContext) -> Result<PskClient, String> {
-            let mut ssl = Ssl::new(ctx).map_err(|e| format!("TLS-PSK: {e}"))?;
-            ssl.set_connect_state();
-            let stream = SslStream::new(ssl, Duplex::default()).map_err(|e| format!("TLS-PSK: {e}"))?;
-            let mut s = PskClient { stream, handshaking: true, failed: false, closed: false };
-            // Produces the ClientHello.
-            s.handshake()?;
-            Ok(s)
-        }
-
-        fn handshake(&mut self) -> Result<(), String> {
-            if !self.handshaking || self.failed {
-                return Ok(());
-            }
-            match self.stream.do_handshake() {
-                Ok(()) => {
-                    self.handshaking = false;
-                    Ok(())
-                }
-                Err(e) if matches!(e.code(), ErrorCode::WANT_READ | ErrorCode::WANT_WRITE) => Ok(()),
-                Err(e) => {
-                    self.failed = true;
-                    if self.stream.get_ref().eof {
-                        Err("the server closed the connection during the TLS handshake".into())
-                    } else {
-                        Err(describe_error(&e))
-                    }
-                }
-            }
-        }
-    }
-
-    impl TlsSession for PskClient {
-        fn read_tls(&mut self, rd: &mut dyn Read) -> io::Result<usize> {
-            let d = self.stream.get_mut();
-            let room = IN_LIMIT.saturating_sub(d.unread());
-            if room == 0 {
-                return Err(io::Error::other("TLS input buffer full"));
-            }
-            let mut chunk = [0u8; 16 * 1024];
-            let want = room.min(chunk.len());
-            let n = rd.read(&mut chunk[..want])?;
-            if n == 0 {
-                d.eof = true;
-            } else {
-                d.incoming.extend_from_slice(&chunk[..n]);
-            }
-            Ok(n)
-        }
-
-        fn process(&mut self) -> Result<(), String> {
-            self.handshake()
-        }
-
-        fn wants_read(&self) -> bool {
-            let d = self.stream.get_ref();
-            !self.failed && !self.closed && !d.eof && d.unread() < IN_LIMIT
-        }
-
-        fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            if self.handshaking {
-                self.handshake().map_err(io::Error::other)?;
-                if self.handshaking {
-                    return Err(if self.failed || self.stream.get_ref().eof {
-                        io::ErrorKind::UnexpectedEof.into()
-                    } else {
-                        io::ErrorKind::WouldBlock.into()
-                    });
-                }
-            }
-            if buf.is_empty() {
-                return Ok(0);
-            }
-            match self.stream.ssl_read(buf) {
-                Ok(n) => Ok(n),
-                Err(e) => match e.code() {
-                    ErrorCode::ZERO_RETURN => {
-                        self.closed = true;
-                        Ok(0)
-                    }
-                    ErrorCode::WANT_READ | ErrorCode::WANT_WRITE => Err(io::ErrorKind::WouldBlock.into()),
-                    _ if self.stream.get_ref().eof => Err(io::ErrorKind::UnexpectedEof.into()),
-                    _ => {
-                        self.failed = true;
-                        Err(io::Error::other(describe_error(&e)))
-                    }
-                },
-            }
-        }
-
-        fn write_plain(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-            if self.handshaking || self.failed {
-                return Ok(0);
-            }
-            let mut total = 0;
-            for b in bufs {
-                let mut done = 0;
-                while done < b.len() {
-                    if self.stream.get_ref().unsent() >= OUT_LIMIT {
-                        return Ok(total);
-                    }
-                    let end = (done + RECORD).min(b.len());
-                    match self.stream.ssl_write(&b[done..end]) {
-                        Ok(n) => {
-                            done += n;
-                            total += n;
-                        }
-                        Err(e) => {
-                            self.failed = true;
-                            return if total > 0 {
-                                Ok(total)
-                            } else {
-                                Err(io::Error::other(describe_error(&e)))
-                            };
-                        }
-                    }
-                }
-            }
-            Ok(total)
-        }
-
-        fn wants_write(&self) -> bool {
-            self.stream.get_ref().unsent() > 0
-        }
-
-        fn write_tls(&mut self, wr: &mut dyn Write) -> io::Result<usize> {
-            let d = self.stream.get_mut();
-            let n = wr.write(&d.outgoing[d.out_pos..])?;
-            d.out_pos += n;
-            if d.out_pos == d.outgoing.len() {
-                d.outgoing.clear();
-                d.out_pos = 0;
-            } else if d.out_pos > OUT_LIMIT {
-                d.outgoing.drain(..d.out_pos);
-                d.out_pos = 0;
-            }
-            Ok(n)
-        }
-
-        fn is_handshaking(&self) -> bool {
-            self.handshaking
-        }
-
-        fn peer_subject(&self) -> Option<String> {
-            None
-        }
-
-        fn send_close_notify(&mut self) {
-            if !self.handshaking && !self.failed {
-                let _ = self.stream.shutdown();
-            }
-        }
-
-        fn describe(&self) -> String {
-            let ssl = self.stream.ssl();
-            let cipher = ssl.current_cipher().map_or("?", |c| c.name());
-            format!("{} {cipher}, PSK", ssl.version_str())
-        }
     }
 }

@@ -1,4 +1,5 @@
-//! Pre-shared keys through OpenSSL's PSK server callback (rustls has no external PSKs). The
+//! Pre-shared keys through OpenSSL (rustls has no external PSKs): the server's PSK callback, and
+//! the session type both the server and the `nbd` backend's client use (`client.rs`). The
 //! `SslStream` runs over [`Duplex`], two in-memory buffers: reading an empty one gives
 //! `WouldBlock`, so OpenSSL returns WANT_READ instead of blocking and the event loop moves the
 //! bytes between the buffers and the socket. Both buffers are bounded by the session's callers:
@@ -20,7 +21,8 @@ use super::{PskKey, TlsSession};
 
 /// TLS 1.2 suites: forward-secret ECDHE-PSK first, plain PSK for old clients; AEAD and CBC
 /// with AES or ChaCha20 only.
-const TLS12_CIPHERS: &str = "ECDHEPSK+AESGCM:ECDHEPSK+CHACHA20:PSK+AESGCM:PSK+CHACHA20:ECDHEPSK+AES:PSK+AES";
+pub(super) const TLS12_CIPHERS: &str =
+    "ECDHEPSK+AESGCM:ECDHEPSK+CHACHA20:PSK+AESGCM:PSK+CHACHA20:ECDHEPSK+AES:PSK+AES";
 
 /// The shared OpenSSL context with the key table behind its callback.
 pub(super) struct PskContext {
@@ -119,9 +121,12 @@ impl Write for Duplex {
     }
 }
 
+/// One TLS-PSK session over in-memory buffers, on either side: the server's (with the
+/// identity its callback recorded) or the `nbd` backend's towards an upstream.
 pub(super) struct PskSession {
     stream: SslStream<Duplex>,
-    identity: Index<Ssl, String>,
+    /// Server side: where the callback left the client's identity. `None` on the client side.
+    identity: Option<Index<Ssl, String>>,
     handshaking: bool,
     failed: bool,
     closed: bool,
@@ -132,7 +137,24 @@ impl PskSession {
         let mut ssl = Ssl::new(&ctx.ctx).map_err(|e| format!("TLS-PSK: {e}"))?;
         ssl.set_accept_state();
         let stream = SslStream::new(ssl, Duplex::default()).map_err(|e| format!("TLS-PSK: {e}"))?;
-        Ok(PskSession { stream, identity: ctx.identity, handshaking: true, failed: false, closed: false })
+        Ok(PskSession {
+            stream,
+            identity: Some(ctx.identity),
+            handshaking: true,
+            failed: false,
+            closed: false,
+        })
+    }
+
+    /// The client side, for a context whose PSK client callback supplies the key. The
+    /// ClientHello is produced at once, ready for `write_tls`.
+    pub(super) fn client(ctx: &SslContext) -> Result<PskSession, String> {
+        let mut ssl = Ssl::new(ctx).map_err(|e| format!("TLS-PSK: {e}"))?;
+        ssl.set_connect_state();
+        let stream = SslStream::new(ssl, Duplex::default()).map_err(|e| format!("TLS-PSK: {e}"))?;
+        let mut s = PskSession { stream, identity: None, handshaking: true, failed: false, closed: false };
+        s.handshake()?;
+        Ok(s)
     }
 
     fn handshake(&mut self) -> Result<(), String> {
@@ -145,6 +167,10 @@ impl PskSession {
                 Ok(())
             }
             Err(e) if matches!(e.code(), ErrorCode::WANT_READ | ErrorCode::WANT_WRITE) => Ok(()),
+            Err(_) if self.stream.get_ref().eof && self.identity.is_none() => {
+                self.failed = true;
+                Err("the server closed the connection during the TLS handshake".into())
+            }
             Err(_) if self.stream.get_ref().eof => {
                 // The client went away mid-handshake: an EOF (`read_plain` says so), not a
                 // failure worth a warning, as with rustls.
@@ -289,7 +315,12 @@ impl TlsSession for PskSession {
     fn describe(&self) -> String {
         let ssl = self.stream.ssl();
         let cipher = ssl.current_cipher().map_or("?", |c| c.name());
-        let id = ssl.ex_data(self.identity).map_or("?", |s| s.as_str());
-        format!("{} {cipher}, PSK identity {id:?}", ssl.version_str())
+        match self.identity {
+            Some(index) => {
+                let id = ssl.ex_data(index).map_or("?", |s| s.as_str());
+                format!("{} {cipher}, PSK identity {id:?}", ssl.version_str())
+            }
+            None => format!("{} {cipher}, PSK", ssl.version_str()),
+        }
     }
 }
