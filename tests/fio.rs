@@ -8,6 +8,8 @@ use common::{run_with_timeout, tool, Output, Server};
 
 fn fio(uri: &str, extra: &[&str]) -> Output {
     let mut cmd = tool("fio");
+    // fio leaves a verify state file in its working directory: not in the repository.
+    cmd.current_dir(std::env::temp_dir());
     cmd.args([
         "--name=nbdverify",
         "--ioengine=nbd",

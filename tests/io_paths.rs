@@ -35,7 +35,8 @@ fn exercise_file_backend(io: &str) {
     let on_disk = fs::read(&img).expect("read image");
     assert!(on_disk[1 << 20..4 << 20].iter().all(|&b| b == 0x5a), "qemu-io's write reached the file");
     let out = run_with_timeout(
-        tool("fio").args([
+        // fio leaves a verify state file in its working directory: keep it in the temp dir.
+        tool("fio").current_dir(dir.path()).args([
             "--name=iopath",
             "--ioengine=nbd",
             &format!("--uri={uri}"),
