@@ -9,7 +9,7 @@ use rustls::crypto::ring as provider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivateSec1KeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use rustls::{Connection, RootCertStore, ServerConfig, ServerConnection};
 
 use super::{dn, TlsSession};
 
@@ -114,15 +114,22 @@ fn push_der(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
+/// A rustls session on either side: the server's (certificates) or the `nbd` backend's towards
+/// an upstream (`client.rs`). rustls is itself sans-IO, so this only forwards.
 pub(super) struct RustlsSession {
-    conn: ServerConnection,
+    conn: Connection,
 }
 
 impl RustlsSession {
     pub(super) fn new(config: Arc<ServerConfig>) -> Result<RustlsSession, String> {
         let mut conn = ServerConnection::new(config).map_err(|e| format!("TLS: {e}"))?;
         conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
-        Ok(RustlsSession { conn })
+        Ok(RustlsSession { conn: conn.into() })
+    }
+
+    /// The client side of a connection already set up by the caller.
+    pub(super) fn client(conn: rustls::ClientConnection) -> RustlsSession {
+        RustlsSession { conn: conn.into() }
     }
 }
 
@@ -160,7 +167,8 @@ impl TlsSession for RustlsSession {
     }
 
     fn peer_subject(&self) -> Option<String> {
-        // Only present when --tls-verify-peer asked for a certificate and it chained to the CA.
+        // Server side: only present when --tls-verify-peer asked for a certificate and it
+        // chained to the CA. Client side: the upstream's certificate.
         self.conn.peer_certificates()?.first().and_then(|c| dn::subject(c))
     }
 
@@ -172,8 +180,12 @@ impl TlsSession for RustlsSession {
         let version = self.conn.protocol_version().map_or("?".to_string(), |v| format!("{v:?}"));
         let suite =
             self.conn.negotiated_cipher_suite().map_or("?".to_string(), |s| format!("{:?}", s.suite()));
+        let peer = match self.conn {
+            Connection::Server(_) => "client",
+            Connection::Client(_) => "server",
+        };
         match self.peer_subject() {
-            Some(s) => format!("{version} {suite}, client certificate {s:?}"),
+            Some(s) => format!("{version} {suite}, {peer} certificate {s:?}"),
             None => format!("{version} {suite}"),
         }
     }

@@ -8,7 +8,6 @@
 //! `client-key.pem`; peer verification on or off; a host name to check the certificate
 //! against (without one, as libnbd over a Unix socket, only the chain is checked).
 
-use std::io::{self, IoSlice, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -256,7 +255,7 @@ impl ClientTls {
                 let mut conn =
                     ClientConnection::new(config.clone(), name.clone()).map_err(|e| format!("TLS: {e}"))?;
                 conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
-                Ok(Box::new(RustlsClient { conn }))
+                Ok(Box::new(super::certs::RustlsSession::client(conn)))
             }
             #[cfg(feature = "psk")]
             Kind::Psk { ctx, .. } => Ok(Box::new(crate::tls::psk::PskSession::client(ctx)?)),
@@ -272,52 +271,6 @@ impl ClientTls {
             Kind::Certificates { describe, .. } => describe.clone(),
             #[cfg(feature = "psk")]
             Kind::Psk { username, .. } => format!("pre-shared key of {username:?}"),
-        }
-    }
-}
-
-struct RustlsClient {
-    conn: ClientConnection,
-}
-
-impl TlsSession for RustlsClient {
-    fn read_tls(&mut self, rd: &mut dyn Read) -> io::Result<usize> {
-        self.conn.read_tls(rd)
-    }
-    fn process(&mut self) -> Result<(), String> {
-        self.conn.process_new_packets().map(|_| ()).map_err(|e| e.to_string())
-    }
-    fn wants_read(&self) -> bool {
-        self.conn.wants_read()
-    }
-    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.conn.reader().read(buf)
-    }
-    fn write_plain(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.conn.writer().write_vectored(bufs)
-    }
-    fn wants_write(&self) -> bool {
-        self.conn.wants_write()
-    }
-    fn write_tls(&mut self, wr: &mut dyn Write) -> io::Result<usize> {
-        self.conn.write_tls(wr)
-    }
-    fn is_handshaking(&self) -> bool {
-        self.conn.is_handshaking()
-    }
-    fn peer_subject(&self) -> Option<String> {
-        self.conn.peer_certificates()?.first().and_then(|c| super::dn::subject(c))
-    }
-    fn send_close_notify(&mut self) {
-        self.conn.send_close_notify();
-    }
-    fn describe(&self) -> String {
-        let version = self.conn.protocol_version().map_or("?".to_string(), |v| format!("{v:?}"));
-        let suite =
-            self.conn.negotiated_cipher_suite().map_or("?".to_string(), |s| format!("{:?}", s.suite()));
-        match self.peer_subject() {
-            Some(s) => format!("{version} {suite}, server certificate {s:?}"),
-            None => format!("{version} {suite}"),
         }
     }
 }
