@@ -29,7 +29,9 @@ h1.shutdown()
 # The server sees the first client go a moment after it disconnects.
 deadline = time.time() + 10
 while True:
-    h3 = handle()
+    # Plain handles for the attempts: until the server has seen the first client go, an
+    # attempt is closed at connect, which the strict harness would flag.
+    h3 = nbd.NBD()
     try:
         h3.connect_uri(uri)
         break
@@ -37,5 +39,6 @@ while True:
         if time.time() > deadline:
             fail("no client could connect after the first left: %s" % e)
         time.sleep(0.05)
-h3.pread(512, 0)
-done(h3)
+expect(h3.pread(512, 0) == bytes(512), "a new client reads once the first has left")
+h3.shutdown()
+done()  # checks the strict handle's (h1's) debug log
