@@ -6,9 +6,9 @@
 //! all zero. Absent pages read as zeroes and are reported as holes. The invariant "a present page
 //! is never all zeroes" (at rest) is what lets block status answer from the page map alone.
 //!
-//! Locking: pages live in [`SHARDS`] ordered maps, page `i` in shard `i % SHARDS`, each behind a
-//! `RwLock`. Readers on different event-loop threads proceed in parallel; writers only
-//! contend when they touch pages of the same shard, and then for one page copy. Each lock is
+//! Locking: pages live in [`SHARDS`] page indexes, the 16 MiB chunk `c` in shard `c % SHARDS`,
+//! each behind a `RwLock`. Readers on different event-loop threads proceed in parallel; writers
+//! only contend when they touch pages of the same shard, and then for one page copy. Each lock is
 //! held for one page at a time and always released before a completion runs. NBD does not
 //! promise atomicity for overlapping requests in flight at once, so a read racing a write may
 //! see some pages old and some new — as with a real disk.
@@ -22,8 +22,8 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use blocksmith_core::config::Params;
 use blocksmith_core::error::Errno;
 use blocksmith_core::layer::{
-    BackendFactory, BackendSpec, Done, ExportInfo, Extents, Flags, Layer, OpenCx, ParamSpec, Support,
-    EXTENT_HOLE, EXTENT_ZERO,
+    BackendFactory, BackendSpec, Done, ExportInfo, Extents, Flags, Layer, Lent, OpenCx, ParamSpec, ReadData,
+    Support, EXTENT_HOLE, EXTENT_ZERO,
 };
 use blocksmith_core::{ConfigError, NbdError};
 
@@ -62,8 +62,108 @@ const SHARDS: usize = 16;
 /// walking the whole map while the event loop waits.
 const EXTENTS_PAGE_BUDGET: usize = 16 * 1024;
 
-type Page = Box<[u8]>;
-type PageMap = BTreeMap<u64, Page>;
+/// A page is shared with READ replies still being sent (they lend it instead of copying): a
+/// writer that finds it shared writes into a copy (`Arc::make_mut`), so a reply always carries
+/// the bytes as they were when its read completed.
+type Page = Arc<[u8]>;
+/// Pages per chunk of the page index: 512 × 32 KiB = 16 MiB of disk per chunk.
+const CHUNK_PAGES: u64 = 512;
+
+/// One shard's page index: a small ordered map of 16 MiB chunks, each a flat array of page
+/// slots. A lookup is a walk of a tree that stays in cache (a 1 GiB disk has 64 chunks) and one
+/// array index, where a tree keyed by page took several cold cache misses per read.
+#[derive(Default)]
+struct PageMap {
+    chunks: BTreeMap<u64, Chunk>,
+}
+
+struct Chunk {
+    slots: Box<[Option<Page>]>,
+    present: usize,
+}
+
+fn split_index(idx: u64) -> (u64, usize) {
+    (idx / CHUNK_PAGES, (idx % CHUNK_PAGES) as usize)
+}
+
+impl PageMap {
+    fn get(&self, idx: &u64) -> Option<&Page> {
+        let (c, i) = split_index(*idx);
+        self.chunks.get(&c)?.slots[i].as_ref()
+    }
+
+    fn get_mut(&mut self, idx: &u64) -> Option<&mut Page> {
+        let (c, i) = split_index(*idx);
+        self.chunks.get_mut(&c)?.slots[i].as_mut()
+    }
+
+    fn contains_key(&self, idx: &u64) -> bool {
+        self.get(idx).is_some()
+    }
+
+    fn insert(&mut self, idx: u64, page: Page) {
+        let (c, i) = split_index(idx);
+        let chunk = self.chunks.entry(c).or_insert_with(|| Chunk {
+            slots: vec![None; CHUNK_PAGES as usize].into_boxed_slice(),
+            present: 0,
+        });
+        if chunk.slots[i].replace(page).is_none() {
+            chunk.present += 1;
+        }
+    }
+
+    fn remove(&mut self, idx: &u64) -> Option<Page> {
+        let (c, i) = split_index(*idx);
+        let chunk = self.chunks.get_mut(&c)?;
+        let page = chunk.slots[i].take()?;
+        chunk.present -= 1;
+        if chunk.present == 0 {
+            self.chunks.remove(&c);
+        }
+        Some(page)
+    }
+
+    /// Take every page with an index in `range` out of the map.
+    fn remove_range(&mut self, range: Range<u64>) -> Vec<Page> {
+        let mut out = Vec::new();
+        let (first, _) = split_index(range.start);
+        let mut emptied = Vec::new();
+        for (&c, chunk) in self.chunks.range_mut(first..) {
+            let base = c * CHUNK_PAGES;
+            if base >= range.end {
+                break;
+            }
+            let lo = range.start.saturating_sub(base).min(CHUNK_PAGES) as usize;
+            let hi = (range.end - base).min(CHUNK_PAGES) as usize;
+            for slot in &mut chunk.slots[lo..hi] {
+                if let Some(p) = slot.take() {
+                    chunk.present -= 1;
+                    out.push(p);
+                }
+            }
+            if chunk.present == 0 {
+                emptied.push(c);
+            }
+        }
+        for c in emptied {
+            self.chunks.remove(&c);
+        }
+        out
+    }
+
+    /// The lowest present page index at or above `from`.
+    fn first_at_or_after(&self, from: u64) -> Option<u64> {
+        let (first, _) = split_index(from);
+        for (&c, chunk) in self.chunks.range(first..) {
+            let base = c * CHUNK_PAGES;
+            let lo = from.saturating_sub(base) as usize;
+            if let Some(i) = chunk.slots.iter().skip(lo).position(Option::is_some) {
+                return Some(base + (lo + i) as u64);
+            }
+        }
+        None
+    }
+}
 
 /// The shared store behind every connection to one `memory` backend.
 pub struct MemoryDisk {
@@ -99,20 +199,27 @@ fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize, u
     })
 }
 
-/// A zeroed page, or ENOMEM rather than aborting the whole server when memory runs out.
-fn new_page() -> Result<Page, NbdError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(PAGE_SIZE as usize)
-        .map_err(|_| NbdError::msg(Errno::NoMem, "memory: cannot allocate a page"))?;
-    v.resize(PAGE_SIZE as usize, 0);
-    Ok(v.into_boxed_slice())
+/// A new page holding `src` at `at` and zeroes around it. ENOMEM when a page's worth of memory
+/// cannot be had, rather than aborting the whole server.
+fn new_page(at: usize, src: &[u8]) -> Result<Page, NbdError> {
+    let page = PAGE_SIZE as usize;
+    let mut v: Vec<u8> = Vec::new();
+    v.try_reserve_exact(page).map_err(|_| NbdError::msg(Errno::NoMem, "memory: cannot allocate a page"))?;
+    if at == 0 && src.len() == page {
+        // A whole page written: no zeroes to fill in.
+        drop(v);
+        return Ok(Arc::from(src));
+    }
+    v.resize(page, 0);
+    v[at..at + src.len()].copy_from_slice(src);
+    Ok(Arc::from(v))
 }
 
 impl MemoryDisk {
     pub fn new(size: u64) -> Self {
         MemoryDisk {
             size,
-            shards: (0..SHARDS).map(|_| RwLock::new(BTreeMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(PageMap::default())).collect(),
             pages: AtomicU64::new(0),
         }
     }
@@ -127,7 +234,7 @@ impl MemoryDisk {
     }
 
     fn shard(&self, idx: u64) -> &RwLock<PageMap> {
-        &self.shards[(idx % SHARDS as u64) as usize]
+        &self.shards[((idx / CHUNK_PAGES) % SHARDS as u64) as usize]
     }
 
     /// Fill `buf` from `offset`. The range must lie within the disk (the shim checks).
@@ -142,6 +249,21 @@ impl MemoryDisk {
         }
     }
 
+    /// The pieces of `count` bytes from `offset`, lent from the pages: present pages shared,
+    /// absent ones as holes. The range must lie within the disk (the shim checks).
+    pub fn read_lent(&self, count: usize, offset: u64) -> Vec<Lent> {
+        let mut out: Vec<Lent> = Vec::with_capacity(count.div_ceil(PAGE_SIZE as usize) + 1);
+        for (idx, at, n, _) in pieces(offset, count) {
+            let page = rd(self.shard(idx)).get(&idx).cloned();
+            match (page, out.last_mut()) {
+                (Some(page), _) => out.push(Lent::Bytes { page, start: at, end: at + n }),
+                (None, Some(Lent::Zero(z))) => *z += n,
+                (None, _) => out.push(Lent::Zero(n)),
+            }
+        }
+        out
+    }
+
     /// Store `data` at `offset`. Zeroes written to an absent page allocate nothing, and a page a
     /// write leaves all zero is freed, keeping "present means non-zero".
     pub fn write(&self, data: &[u8], offset: u64) -> Result<(), NbdError> {
@@ -151,7 +273,7 @@ impl MemoryDisk {
             let src_zero = util::is_zero(src);
             let mut map = wr(self.shard(idx));
             if let Some(p) = map.get_mut(&idx) {
-                p[at..at + n].copy_from_slice(src);
+                Arc::make_mut(p)[at..at + n].copy_from_slice(src);
                 if src_zero && util::is_zero(p) {
                     let freed = map.remove(&idx);
                     self.pages.fetch_sub(1, Ordering::Relaxed);
@@ -159,9 +281,7 @@ impl MemoryDisk {
                     drop(freed);
                 }
             } else if !src_zero {
-                let mut p = new_page()?;
-                p[at..at + n].copy_from_slice(src);
-                map.insert(idx, p);
+                map.insert(idx, new_page(at, src)?);
                 self.pages.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -198,7 +318,7 @@ impl MemoryDisk {
         }
         let mut map = wr(self.shard(idx));
         if let Some(p) = map.get_mut(&idx) {
-            p[(s - start) as usize..(e - start) as usize].fill(0);
+            Arc::make_mut(p)[(s - start) as usize..(e - start) as usize].fill(0);
             if util::is_zero(p) {
                 let freed = map.remove(&idx);
                 self.pages.fetch_sub(1, Ordering::Relaxed);
@@ -213,8 +333,7 @@ impl MemoryDisk {
     fn drop_pages(&self, range: Range<u64>) {
         for shard in self.shards.iter() {
             let mut map = wr(shard);
-            let keys: Vec<u64> = map.range(range.clone()).map(|(k, _)| *k).collect();
-            let freed: Vec<Page> = keys.iter().filter_map(|k| map.remove(k)).collect();
+            let freed = map.remove_range(range.clone());
             self.pages.fetch_sub(freed.len() as u64, Ordering::Relaxed);
             // Return the memory after unlocking, so readers of this shard do not wait on free().
             drop(map);
@@ -228,7 +347,7 @@ impl MemoryDisk {
 
     /// The lowest allocated page index at or above `from`.
     fn next_present(&self, from: u64) -> Option<u64> {
-        self.shards.iter().filter_map(|s| rd(s).range(from..).next().map(|(k, _)| *k)).min()
+        self.shards.iter().filter_map(|s| rd(s).first_at_or_after(from)).min()
     }
 
     /// Allocation from `offset`: absent pages as HOLE|ZERO, present ones as data. Stops after
@@ -329,6 +448,10 @@ impl Layer for MemoryLayer {
         done.ok(buf)
     }
 
+    fn pread_lent(&self, count: usize, offset: u64, _flags: Flags, done: Done<ReadData>) {
+        done.ok(ReadData::Lent(self.disk.read_lent(count, offset)))
+    }
+
     fn pwrite(&self, data: Vec<u8>, offset: u64, _flags: Flags, done: Done<()>) {
         let r = self.disk.write(&data, offset);
         // The bytes are copied into pages: the buffer can serve the next request.
@@ -386,6 +509,50 @@ mod tests {
         assert!(make_err(&SPEC, &[("size", "9223372036854775808")]).contains("too large"));
         assert!(make_err(&SPEC, &[("size", "1M"), ("allocator", "malloc")]).contains("malloc"));
         assert!(make_err(&SPEC, &[("size", "1M"), ("bogus", "1")]).contains("unknown parameter 'bogus'"));
+    }
+
+    #[test]
+    fn lent_reads_share_pages_and_writes_copy_them() {
+        let d = MemoryDisk::new(4 * P);
+        d.write(&[7; 100], P - 50).unwrap();
+        // [P-60, 2P+60): the tail of page 0, all of page 1, then the head of page 2, a hole.
+        let pieces = d.read_lent(120 + P as usize, P - 60);
+        let flat = ReadData::Lent(pieces.clone()).into_vec();
+        let mut want = vec![0u8; 120 + P as usize];
+        want[10..110].fill(7);
+        assert_eq!(flat, want);
+        assert!(
+            matches!(pieces.as_slice(), [Lent::Bytes { .. }, Lent::Bytes { .. }, Lent::Zero(n)] if *n == 60)
+        );
+        // A write while the pages are lent changes the disk, not the lent bytes.
+        d.write(&[9; 20], P - 55).unwrap();
+        assert_eq!(ReadData::Lent(pieces).into_vec(), want);
+        let mut now = vec![0u8; 60];
+        d.read(&mut now, P - 60);
+        assert_eq!(&now[..5], &[0; 5]);
+        assert_eq!(&now[5..25], &[9; 20]);
+        assert_eq!(&now[25..], &[7; 35]);
+        // Zeroing a lent page frees it from the disk; the reply keeps its copy.
+        let lent = d.read_lent(10, P);
+        d.zero(P, P);
+        assert_eq!(ReadData::Lent(lent).into_vec(), vec![7; 10]);
+        assert!(matches!(d.read_lent(10, P).as_slice(), [Lent::Zero(10)]));
+    }
+
+    #[test]
+    fn page_index_spans_chunks() {
+        let d = MemoryDisk::new(3 * CHUNK_PAGES * P);
+        for idx in [0, CHUNK_PAGES - 1, CHUNK_PAGES, 2 * CHUNK_PAGES + 5] {
+            d.write(&[1], idx * P + 3).unwrap();
+        }
+        assert_eq!(d.allocated_bytes(), 4 * P);
+        assert_eq!(d.next_present(1), Some(CHUNK_PAGES - 1));
+        assert_eq!(d.next_present(CHUNK_PAGES + 1), Some(2 * CHUNK_PAGES + 5));
+        d.zero((CHUNK_PAGES + 1) * P, (CHUNK_PAGES - 1) * P);
+        assert_eq!(d.allocated_bytes(), 2 * P);
+        assert_eq!(d.next_present(1), Some(2 * CHUNK_PAGES + 5));
+        d.zero(P, 0);
+        assert_eq!(d.next_present(0), Some(2 * CHUNK_PAGES + 5));
     }
 
     #[test]

@@ -58,10 +58,9 @@ fn conn_read(c: &mut Criterion, structured: bool) {
         b.iter(|| {
             feed(&mut conn, &hdr, now);
             let Some(Event::Request(req)) = conn.poll_event() else { panic!("no request") };
-            let Op::Read { buf } = req.op else { panic!("not a read") };
-            // Reuse one data buffer, as a pool would; the connection's own allocation is dropped.
-            drop(buf);
-            let d = data.take().unwrap_or_else(|| vec![0x5au8; 4096]);
+            let Op::Read { count } = req.op else { panic!("not a read") };
+            // Reuse one data buffer, as a pool would.
+            let d = data.take().unwrap_or_else(|| vec![0x5au8; count]);
             conn.handle_result(req.id, Ok(Outcome::Data(d)));
             sink.clear();
             drain_output(&mut conn, &mut sink);

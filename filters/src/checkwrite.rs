@@ -17,7 +17,7 @@ use blocksmith_core::config::Params;
 use blocksmith_core::error::{ConfigError, Errno, NbdError};
 use blocksmith_core::layer::{
     Done, ExportInfo, Extents, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx,
-    Support, EXTENT_ZERO,
+    ReadData, Support, EXTENT_ZERO,
 };
 
 use crate::chunked::{check_range, sequence, Step, CHUNK};
@@ -131,6 +131,11 @@ fn check_zero(next: &Next, count: u64, offset: u64, fast: bool, done: Done<()>) 
 }
 
 impl Filter for CheckwriteFilter {
+    /// Read data passes through untouched: replies stay zero-copy.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        next.pread_lent(count, offset, flags, done)
+    }
+
     fn info(&self, next: &Next) -> ExportInfo {
         let below = next.info();
         ExportInfo {

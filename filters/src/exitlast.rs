@@ -15,7 +15,9 @@ use std::time::Duration;
 use blocksmith_core::config::Params;
 use blocksmith_core::control::ServerControl;
 use blocksmith_core::error::{ConfigError, NbdError};
-use blocksmith_core::layer::{Filter, FilterFactory, FilterLayer, FilterSpec, Layer, Next, OpenCx};
+use blocksmith_core::layer::{
+    Done, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx, ReadData,
+};
 use blocksmith_core::sched::Sched;
 
 use crate::limit::Counted;
@@ -72,6 +74,11 @@ fn check(open: Arc<AtomicUsize>, control: Arc<ServerControl>, sched: Sched) {
 }
 
 impl Filter for Exitlast {
+    /// Read data passes through untouched: replies stay zero-copy.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        next.pread_lent(count, offset, flags, done)
+    }
+
     fn close(&self, next: &Next) {
         next.close();
         if self.counted.release() == Some(0) {

@@ -29,7 +29,7 @@ use blocksmith_core::config::{parse_duration, Params};
 use blocksmith_core::control::ServerControl;
 use blocksmith_core::error::{ConfigError, Errno, NbdError};
 use blocksmith_core::layer::{
-    Filter, FilterFactory, FilterLayer, FilterSpec, Layer, Next, OpenCx, ParamSpec,
+    Done, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx, ParamSpec, ReadData,
 };
 use blocksmith_core::sched::Sched;
 
@@ -250,6 +250,11 @@ struct Exitwhen {
 }
 
 impl Filter for Exitwhen {
+    /// Read data passes through untouched: replies stay zero-copy.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        next.pread_lent(count, offset, flags, done)
+    }
+
     fn close(&self, next: &Next) {
         next.close();
         // Deferred: the server still counts this connection until the close returns.

@@ -19,7 +19,8 @@ use blocksmith_core::config::{parse_bool, Params};
 use blocksmith_core::error::{ConfigError, NbdError};
 use blocksmith_core::layer::registry::ExportDesc;
 use blocksmith_core::layer::{
-    ExportInfo, Filter, FilterFactory, FilterLayer, FilterSpec, Layer, Next, OpenCx, ParamSpec,
+    Done, ExportInfo, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx, ParamSpec,
+    ReadData,
 };
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -181,6 +182,11 @@ impl FilterFactory for ExportnameFactory {
 struct Describe(Desc);
 
 impl Filter for Describe {
+    /// Read data passes through untouched: replies stay zero-copy.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        next.pread_lent(count, offset, flags, done)
+    }
+
     fn info(&self, next: &Next) -> ExportInfo {
         let below = next.info();
         ExportInfo { description: self.0.apply(below.description.clone()), ..below }

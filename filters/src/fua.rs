@@ -18,7 +18,7 @@ use blocksmith_core::config::Params;
 use blocksmith_core::error::{ConfigError, NbdError};
 use blocksmith_core::layer::{
     Done, ExportInfo, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx, ParamSpec,
-    Support,
+    ReadData, Support,
 };
 
 pub const SPEC: FilterSpec =
@@ -93,6 +93,11 @@ impl FuaFilter {
 }
 
 impl Filter for FuaFilter {
+    /// Read data passes through untouched: replies stay zero-copy.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        next.pread_lent(count, offset, flags, done)
+    }
+
     fn info(&self, next: &Next) -> ExportInfo {
         let below = next.info();
         match self.0 {

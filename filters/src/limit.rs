@@ -15,7 +15,7 @@ use std::sync::Arc;
 use blocksmith_core::config::Params;
 use blocksmith_core::error::{ConfigError, Errno, NbdError};
 use blocksmith_core::layer::{
-    Filter, FilterFactory, FilterLayer, FilterSpec, Layer, Next, OpenCx, ParamSpec,
+    Done, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx, ParamSpec, ReadData,
 };
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -99,6 +99,11 @@ impl Drop for Counted {
 struct LimitFilter(Counted);
 
 impl Filter for LimitFilter {
+    /// Read data passes through untouched: replies stay zero-copy.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        next.pread_lent(count, offset, flags, done)
+    }
+
     fn close(&self, next: &Next) {
         self.0.release();
         next.close()

@@ -13,7 +13,7 @@ use blocksmith_core::config::Params;
 use blocksmith_core::error::{ConfigError, NbdError};
 use blocksmith_core::layer::{
     Done, ExportInfo, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx, ParamSpec,
-    Support,
+    ReadData, Support,
 };
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -55,6 +55,11 @@ impl FilterFactory for NocacheFactory {
 struct NocacheFilter(Support);
 
 impl Filter for NocacheFilter {
+    /// Read data passes through untouched: replies stay zero-copy.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        next.pread_lent(count, offset, flags, done)
+    }
+
     fn info(&self, next: &Next) -> ExportInfo {
         ExportInfo { cache: self.0, ..next.info() }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use blocksmith_core::config::Params;
 use blocksmith_core::error::{ConfigError, NbdError};
 use blocksmith_core::layer::{
-    ExportInfo, Filter, FilterFactory, FilterLayer, FilterSpec, Layer, Next, OpenCx,
+    Done, ExportInfo, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx, ReadData,
 };
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -34,6 +34,11 @@ impl FilterFactory for NoextentsFactory {
 struct NoextentsFilter;
 
 impl Filter for NoextentsFilter {
+    /// Read data passes through untouched: replies stay zero-copy.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        next.pread_lent(count, offset, flags, done)
+    }
+
     fn info(&self, next: &Next) -> ExportInfo {
         ExportInfo { can_extents: false, ..next.info() }
     }

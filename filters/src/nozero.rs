@@ -23,7 +23,7 @@ use blocksmith_core::config::Params;
 use blocksmith_core::error::{ConfigError, Errno, NbdError};
 use blocksmith_core::layer::{
     Done, ExportInfo, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx, ParamSpec,
-    Support,
+    ReadData, Support,
 };
 
 use crate::chunked::{sequence, CHUNK};
@@ -116,6 +116,11 @@ struct NozeroFilter {
 }
 
 impl Filter for NozeroFilter {
+    /// Read data passes through untouched: replies stay zero-copy.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        next.pread_lent(count, offset, flags, done)
+    }
+
     fn info(&self, next: &Next) -> ExportInfo {
         let below = next.info();
         let (zero, can_fast_zero) = match (self.zero, self.fast) {

@@ -8,7 +8,7 @@ use blocksmith_core::config::Params;
 use blocksmith_core::error::{ConfigError, NbdError};
 use blocksmith_core::layer::{
     Done, ExportInfo, Extents, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx,
-    ParamSpec,
+    ParamSpec, ReadData,
 };
 
 pub const SPEC: FilterSpec =
@@ -78,6 +78,13 @@ impl OffsetFilter {
 }
 
 impl Filter for OffsetFilter {
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        match self.below(offset) {
+            Ok(o) => next.pread_lent(count, o, flags, done),
+            Err(e) => done.err(e),
+        }
+    }
+
     fn info(&self, next: &Next) -> ExportInfo {
         ExportInfo { size: self.size, ..next.info() }
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use blocksmith_core::config::{parse_size, Params};
 use blocksmith_core::error::{ConfigError, Errno, NbdError};
 use blocksmith_core::layer::{
-    Done, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx, ParamSpec,
+    Done, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx, ParamSpec, ReadData,
 };
 
 use crate::chunked::{check_range, sequence, Step};
@@ -166,6 +166,11 @@ impl ProtectFilter {
 }
 
 impl Filter for ProtectFilter {
+    /// Read data passes through untouched: replies stay zero-copy.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        next.pread_lent(count, offset, flags, done)
+    }
+
     fn pwrite(&self, next: &Next, data: Vec<u8>, offset: u64, flags: Flags, done: Done<()>) {
         let count = data.len() as u64;
         if self.protected(count, offset).is_empty() {

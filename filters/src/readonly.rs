@@ -20,6 +20,7 @@ use blocksmith_core::config::Params;
 use blocksmith_core::error::{ConfigError, Errno, NbdError};
 use blocksmith_core::layer::{
     Done, ExportInfo, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx, ParamSpec,
+    ReadData,
 };
 use blocksmith_core::sched::Sched;
 
@@ -88,6 +89,11 @@ impl ReadonlyFilter {
 }
 
 impl Filter for ReadonlyFilter {
+    /// Read data passes through untouched: replies stay zero-copy.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        next.pread_lent(count, offset, flags, done)
+    }
+
     fn info(&self, next: &Next) -> ExportInfo {
         let below = next.info();
         match self.file {

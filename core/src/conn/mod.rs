@@ -112,9 +112,10 @@ pub struct Request {
 
 #[derive(Debug)]
 pub enum Op {
-    /// Fill `buf` (allocated by the connection from the budget; its length is the count).
+    /// Read `count` bytes (already reserved from the budget by the connection), answered with
+    /// [`Outcome::Data`] or [`Outcome::Lent`].
     Read {
-        buf: Vec<u8>,
+        count: usize,
     },
     Write {
         data: Vec<u8>,
@@ -139,6 +140,8 @@ pub enum Op {
 pub enum Outcome {
     Done,
     Data(Vec<u8>),
+    /// READ data lent by the layer, queued without copying.
+    Lent(Vec<crate::layer::Lent>),
     Extents(Extents),
 }
 

@@ -6,6 +6,7 @@ use std::io::IoSlice;
 use std::sync::Arc;
 
 use crate::budget::Budget;
+use crate::layer::Lent;
 
 /// Small header bytes are appended to the last owned segment up to this size, so a burst of
 /// small replies needs few iovecs.
@@ -16,7 +17,14 @@ enum Buf {
     Own(Vec<u8>),
     /// Part of a READ buffer split into several data chunks around holes.
     Shared(Arc<Vec<u8>>),
+    /// Bytes a layer lent (its own storage; see `layer::lent`).
+    Lent(Arc<[u8]>),
+    /// Zeroes, from [`ZEROS`].
+    Zeros,
 }
+
+/// Zero bytes for unallocated ranges read without structured replies.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 struct Segment {
     buf: Buf,
@@ -35,6 +43,8 @@ impl Segment {
         match &self.buf {
             Buf::Own(v) => &v[self.start..self.end],
             Buf::Shared(a) => &a[self.start..self.end],
+            Buf::Lent(a) => &a[self.start..self.end],
+            Buf::Zeros => &ZEROS[self.start..self.end],
         }
     }
 }
@@ -48,6 +58,7 @@ fn recycle(buf: Buf) {
                 crate::bufpool::give(v)
             }
         }
+        Buf::Lent(_) | Buf::Zeros => {}
     }
 }
 
@@ -102,6 +113,40 @@ impl OutQueue {
         self.bytes += end - start;
         let buf = Buf::Shared(a.clone());
         self.segs.push_back(Segment { buf, start, end, release: 0, appendable: false });
+    }
+
+    /// Queue a lent piece without copying it.
+    pub(super) fn push_lent(&mut self, piece: Lent) {
+        match piece {
+            Lent::Bytes { page, start, end } => {
+                debug_assert!(start <= end && end <= page.len());
+                if start >= end {
+                    return;
+                }
+                self.bytes += end - start;
+                self.segs.push_back(Segment {
+                    buf: Buf::Lent(page),
+                    start,
+                    end,
+                    release: 0,
+                    appendable: false,
+                });
+            }
+            Lent::Zero(mut n) => {
+                while n > 0 {
+                    let take = n.min(ZEROS.len());
+                    self.bytes += take;
+                    self.segs.push_back(Segment {
+                        buf: Buf::Zeros,
+                        start: 0,
+                        end: take,
+                        release: 0,
+                        appendable: false,
+                    });
+                    n -= take;
+                }
+            }
+        }
     }
 
     /// Release `n` budget bytes once everything queued so far has been written.

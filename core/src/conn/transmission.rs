@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::options::BASE_ALLOCATION_ID;
 use super::{AfterSkip, Conn, Event, InState, Op, Outcome, Request, RequestId, Slot};
 use crate::error::{Errno, NbdError};
-use crate::layer::{Extents, Flags};
+use crate::layer::{Extents, Flags, Lent};
 use crate::limits;
 use crate::proto::*;
 
@@ -85,7 +85,7 @@ impl Conn {
                 self.inbuf.consume(hlen);
                 let slot = self.slot(&h, CMD_READ, len as u64, flags, df, len);
                 let id = self.slots.insert(slot);
-                let op = Op::Read { buf: crate::bufpool::take(len) };
+                let op = Op::Read { count: len };
                 self.events.push_back(Event::Request(Request { id, op, offset: h.offset, flags }));
             }
             Plan::Write { len, flags } => {
@@ -239,6 +239,11 @@ impl Conn {
             (CMD_READ, Ok(Outcome::Data(buf))) if buf.len() as u64 == slot.count => {
                 self.reply_read(&slot, buf)
             }
+            (CMD_READ, Ok(Outcome::Lent(pieces)))
+                if pieces.iter().map(Lent::len).sum::<usize>() as u64 == slot.count =>
+            {
+                self.reply_read_lent(&slot, pieces)
+            }
             (CMD_BLOCK_STATUS, Ok(Outcome::Extents(e))) => self.reply_block_status(&slot, e),
             (CMD_READ | CMD_BLOCK_STATUS, Ok(other)) => {
                 log::error!("NBD: layer returned {other:?} for command {}", slot.cmd);
@@ -330,6 +335,54 @@ impl Conn {
                     }
                 }
             }
+        }
+        self.out.mark_release(slot.reserved, &self.budget);
+    }
+
+    /// A successful READ from lent pieces: queued as they are, never copied. Unallocated
+    /// pieces become OFFSET_HOLE chunks under structured replies (unless the client asked for
+    /// DF), and zero bytes from a shared zero page otherwise.
+    fn reply_read_lent(&mut self, slot: &Slot, pieces: Vec<Lent>) {
+        let (cookie, offset) = (slot.cookie, slot.offset);
+        let total = slot.count as usize;
+        let Some(form) = self.form() else {
+            self.out.with_tail(|v| encode_simple_reply(v, 0, cookie));
+            for p in pieces {
+                self.out.push_lent(p);
+            }
+            self.out.mark_release(slot.reserved, &self.budget);
+            return;
+        };
+        if total == 0 {
+            self.out.with_tail(|v| encode_none_chunk(v, form, cookie, offset));
+            self.out.mark_release(slot.reserved, &self.budget);
+            return;
+        }
+        // Runs of data pieces become one data chunk each; runs of holes one hole chunk each.
+        let is_hole = |p: &Lent| !slot.df && matches!(p, Lent::Zero(_));
+        let mut pieces = pieces.into_iter().filter(|p| !p.is_empty()).peekable();
+        let mut at = 0usize;
+        while let Some(first) = pieces.next() {
+            let hole = is_hole(&first);
+            let mut run = vec![first];
+            while let Some(p) = pieces.next_if(|p| is_hole(p) == hole) {
+                run.push(p);
+            }
+            let n: usize = run.iter().map(Lent::len).sum();
+            let flags = if at + n == total { REPLY_FLAG_DONE } else { 0 };
+            let chunk_at = offset.saturating_add(at as u64);
+            if hole {
+                // A read is at most --max-request bytes, far below 2^32.
+                let len = u32::try_from(n).unwrap_or(u32::MAX);
+                self.out.with_tail(|v| encode_offset_hole(v, form, flags, cookie, offset, chunk_at, len));
+            } else {
+                self.out
+                    .with_tail(|v| encode_offset_data_header(v, form, flags, cookie, offset, chunk_at, n));
+                for p in run {
+                    self.out.push_lent(p);
+                }
+            }
+            at += n;
         }
         self.out.mark_release(slot.reserved, &self.budget);
     }

@@ -14,6 +14,7 @@
 //! pair of layers sits a [`shim::Shim`] that validates ranges, flags and capabilities and
 //! emulates what a layer lacks, so no backend or filter repeats those checks.
 
+pub mod lent;
 pub mod registry;
 pub mod shim;
 pub mod stack;
@@ -26,6 +27,7 @@ use crate::control::ServerControl;
 use crate::error::{Errno, NbdError};
 use crate::sched::Sched;
 
+pub use lent::{Lent, ReadData};
 pub use registry::{BackendFactory, BackendSpec, FilterFactory, FilterSpec, ParamSpec};
 pub use stack::Stack;
 
@@ -318,6 +320,13 @@ pub trait Layer {
     fn info(&self) -> ExportInfo;
     /// Fill `buf` (its length is the count) from `offset`.
     fn pread(&self, buf: Vec<u8>, offset: u64, flags: Flags, done: Done<Vec<u8>>);
+    /// Read `count` bytes from `offset`, lending the data instead of copying it where the layer
+    /// can (see [`Lent`]); this is what the connection calls for a client's READ. The default
+    /// reads into a pooled buffer with [`Layer::pread`].
+    fn pread_lent(&self, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        let buf = crate::bufpool::take(count);
+        self.pread(buf, offset, flags, done.map(|r| r.map(ReadData::Buf)))
+    }
     fn pwrite(&self, data: Vec<u8>, offset: u64, flags: Flags, done: Done<()>) {
         let _ = (data, offset, flags);
         done.err(Errno::Perm)
@@ -361,6 +370,13 @@ pub trait Filter {
     fn pread(&self, next: &Next, buf: Vec<u8>, offset: u64, flags: Flags, done: Done<Vec<u8>>) {
         next.pread(buf, offset, flags, done)
     }
+    /// A client's READ. The default goes through this filter's own `pread` into a buffer, since
+    /// a filter may change read data. A filter that never touches read data (it may change the
+    /// offset) forwards to `next.pread_lent`, keeping replies zero-copy through it.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        let buf = crate::bufpool::take(count);
+        self.pread(next, buf, offset, flags, done.map(|r| r.map(ReadData::Buf)))
+    }
     fn pwrite(&self, next: &Next, data: Vec<u8>, offset: u64, flags: Flags, done: Done<()>) {
         next.pwrite(data, offset, flags, done)
     }
@@ -396,6 +412,9 @@ impl<F: Filter> Layer for FilterLayer<F> {
     }
     fn pread(&self, buf: Vec<u8>, offset: u64, flags: Flags, done: Done<Vec<u8>>) {
         self.filter.pread(&self.next, buf, offset, flags, done)
+    }
+    fn pread_lent(&self, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        self.filter.pread_lent(&self.next, count, offset, flags, done)
     }
     fn pwrite(&self, data: Vec<u8>, offset: u64, flags: Flags, done: Done<()>) {
         self.filter.pwrite(&self.next, data, offset, flags, done)

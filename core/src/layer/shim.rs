@@ -9,7 +9,7 @@
 
 use std::rc::Rc;
 
-use super::{Done, ExportInfo, Extents, Flags, Layer, Support};
+use super::{Done, ExportInfo, Extents, Flags, Layer, ReadData, Support};
 use crate::error::{Errno, NbdError};
 
 /// Largest buffer the shim allocates at once when it emulates zero or cache.
@@ -114,6 +114,16 @@ impl Layer for Shim {
         }
         // FUA on a read is meaningless and ignored, as qemu and nbdkit do.
         self.inner.pread(buf, offset, Flags::NONE, done)
+    }
+
+    fn pread_lent(&self, count: usize, offset: u64, _flags: Flags, done: Done<ReadData>) {
+        if let Err(e) = self.check_range(count as u64, offset, Errno::Inval) {
+            return done.err(e);
+        }
+        if count == 0 {
+            return done.ok(ReadData::Buf(Vec::new()));
+        }
+        self.inner.pread_lent(count, offset, Flags::NONE, done)
     }
 
     fn pwrite(&self, data: Vec<u8>, offset: u64, flags: Flags, done: Done<()>) {

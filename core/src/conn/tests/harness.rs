@@ -196,7 +196,7 @@ impl H {
                 Event::StartTls => self.tls_starts += 1,
                 Event::Request(r) => {
                     let (name, count) = match &r.op {
-                        Op::Read { buf } => ("read", buf.len() as u64),
+                        Op::Read { count } => ("read", *count as u64),
                         Op::Write { data } => ("write", data.len() as u64),
                         Op::Flush => ("flush", 0),
                         Op::Trim { count } => ("trim", *count),
@@ -229,7 +229,8 @@ impl H {
     pub fn execute(&mut self, r: Request) -> Result<Outcome, NbdError> {
         let in_range = |off: u64, n: u64| off.checked_add(n).is_some_and(|e| e <= DISK_SIZE as u64);
         match r.op {
-            Op::Read { mut buf } => {
+            Op::Read { count } => {
+                let mut buf = vec![0u8; count];
                 if !in_range(r.offset, buf.len() as u64) {
                     return Err(NbdError::inval("read out of range"));
                 }

@@ -5,7 +5,7 @@ use super::harness::*;
 use crate::budget::Budget;
 use crate::conn::{ConnConfig, Outcome};
 use crate::error::{Errno, NbdError};
-use crate::layer::{Extent, Extents, Flags};
+use crate::layer::{Extent, Extents, Flags, Lent};
 use crate::limits;
 use crate::proto::*;
 
@@ -593,4 +593,106 @@ fn mismatched_layer_results_become_eio() {
     // An unknown id is ignored.
     h.conn.handle_result(crate::conn::RequestId(12345), Ok(Outcome::Done));
     h.assert_silent();
+}
+
+/// Answer the held READ with lent pieces: a page shared with the "layer", then a hole, then the
+/// start of the page again.
+fn lent_pieces(page: &std::sync::Arc<[u8]>) -> Vec<Lent> {
+    vec![
+        Lent::Bytes { page: page.clone(), start: 100, end: 4196 },
+        Lent::Zero(4096),
+        Lent::Zero(4096),
+        Lent::Bytes { page: page.clone(), start: 0, end: 4096 },
+    ]
+}
+
+fn lent_expected(page: &[u8]) -> Vec<u8> {
+    let mut want = page[100..4196].to_vec();
+    want.extend_from_slice(&[0; 8192]);
+    want.extend_from_slice(&page[..4096]);
+    want
+}
+
+#[test]
+fn lent_read_data_goes_out_in_every_reply_form() {
+    let page: std::sync::Arc<[u8]> = (0..8192u32).map(|i| (i % 251) as u8 + 1).collect();
+    let want = lent_expected(&page);
+
+    // Simple replies: the header, then the pieces, holes as zero bytes.
+    let mut h = H::simple();
+    h.auto_requests = false;
+    h.req(CMD_READ, 0, 1, 4096, 16384);
+    let r = h.held.remove(0);
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(lent_pieces(&page))));
+    assert_eq!(h.simple_reply(), (0, 1));
+    assert_eq!(h.take(16384), want);
+    h.assert_silent();
+
+    // Structured: one data chunk, one hole chunk for both zero pieces, one data chunk.
+    let mut h = H::structured();
+    h.auto_requests = false;
+    h.req(CMD_READ, 0, 2, 4096, 16384);
+    let r = h.held.remove(0);
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(lent_pieces(&page))));
+    let chunks: Vec<_> = (0..3).map(|_| h.chunk()).collect();
+    let kinds: Vec<_> = chunks.iter().map(|(c, p)| (c.typ, c.flags, p.len())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (REPLY_TYPE_OFFSET_DATA, 0, 8 + 4096),
+            (REPLY_TYPE_OFFSET_HOLE, 0, 12),
+            (REPLY_TYPE_OFFSET_DATA, REPLY_FLAG_DONE, 8 + 4096),
+        ]
+    );
+    assert_eq!(chunks[0].1[..8], 4096u64.to_be_bytes());
+    assert_eq!(chunks[0].1[8..], want[..4096]);
+    assert_eq!(chunks[1].1, [0, 0, 0, 0, 0, 0, 0x20, 0, 0, 0, 0x20, 0]);
+    assert_eq!(chunks[2].1[..8], (4096u64 + 12288).to_be_bytes());
+    assert_eq!(chunks[2].1[8..], want[12288..]);
+    h.assert_silent();
+
+    // Structured with DF: a single data chunk, the hole as zero bytes.
+    h.req(CMD_READ, CMD_FLAG_DF, 3, 4096, 16384);
+    let r = h.held.remove(0);
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(lent_pieces(&page))));
+    let (c, p) = h.chunk();
+    assert_eq!((c.typ, c.flags, p.len()), (REPLY_TYPE_OFFSET_DATA, REPLY_FLAG_DONE, 8 + 16384));
+    assert_eq!(p[8..], want);
+    h.assert_silent();
+
+    // Extended headers read back the same bytes.
+    let mut h = H::extended();
+    h.auto_requests = false;
+    h.req(CMD_READ, 0, 4, 4096, 16384);
+    let r = h.held.remove(0);
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(lent_pieces(&page))));
+    assert_eq!(h.read_reply(4, 4096, 16384).unwrap(), want);
+
+    // All holes: one hole chunk with DONE.
+    let mut h = H::structured();
+    h.auto_requests = false;
+    h.req(CMD_READ, 0, 5, 0, 65536 + 512);
+    let r = h.held.remove(0);
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(vec![Lent::Zero(65536), Lent::Zero(512)])));
+    let (c, p) = h.chunk();
+    assert_eq!((c.typ, c.flags, p.len()), (REPLY_TYPE_OFFSET_HOLE, REPLY_FLAG_DONE, 12));
+    // And without structured replies, more zeroes than the shared zero page holds.
+    let mut h = H::simple();
+    h.auto_requests = false;
+    h.req(CMD_READ, 0, 6, 0, 65536 + 512);
+    let r = h.held.remove(0);
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(vec![Lent::Zero(65536), Lent::Zero(512)])));
+    assert_eq!(h.simple_reply(), (0, 6));
+    assert!(h.take(65536 + 512).iter().all(|&b| b == 0));
+    h.assert_silent();
+}
+
+#[test]
+fn lent_data_of_the_wrong_length_becomes_eio() {
+    let mut h = H::structured();
+    h.auto_requests = false;
+    h.req(CMD_READ, 0, 1, 0, 512);
+    let r = h.held.remove(0);
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(vec![Lent::Zero(511)])));
+    assert_eq!(h.read_reply(1, 0, 512).unwrap_err().0, EIO);
 }
