@@ -14,6 +14,7 @@
 //! it only on `WouldBlock`, and puts a connection it stopped serving early (fairness,
 //! backpressure) back on the run queue rather than waiting for another event that will not come.
 
+pub mod aligned;
 pub mod process;
 pub mod reactor;
 pub mod server;

@@ -8,17 +8,23 @@
 //!
 //! Whether io_uring is used is decided once per process ([`set_enabled`], a probe at first use)
 //! and logged; a backend asks [`for_loop`] and falls back to the blocking pool on `None`.
+//!
+//! Transfers use either an ordinary `Vec<u8>` (buffered IO) or an [`AlignedBuf`] (an O_DIRECT
+//! descriptor: [`Uring::read_direct_at`], [`Uring::write_direct_at`]). [`read_nowait`] is the
+//! other way to read without blocking: a `preadv2(RWF_NOWAIT)` that copies what the page cache
+//! holds, on the calling thread, and never waits for the disk.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use io_uring::{opcode, types, IoUring};
 use slab::Slab;
 
+use crate::io::aligned::AlignedBuf;
 use crate::sched::{Sched, WatchId};
 
 /// Entries in each loop's submission queue. Completions are bounded by what is in flight,
@@ -76,12 +82,36 @@ pub fn for_loop(sched: &Sched) -> Option<Rc<Uring>> {
 
 /// Completion of an exact read: the buffer comes back either way.
 pub type ReadDone = Box<dyn FnOnce(io::Result<()>, Vec<u8>)>;
+/// Completion of an exact O_DIRECT read: the aligned buffer comes back either way.
+pub type DirectReadDone = Box<dyn FnOnce(io::Result<()>, AlignedBuf)>;
 /// Completion of a write or sync.
 pub type UnitDone = Box<dyn FnOnce(io::Result<()>)>;
 
+/// Where a read lands, with the completion that gets that buffer back.
+enum ReadInto {
+    Buffered(Vec<u8>, ReadDone),
+    Direct(AlignedBuf, DirectReadDone),
+}
+
+/// What a write sends. Held until the completion is reaped, then dropped (an aligned buffer
+/// goes back to this loop's pool).
+enum WriteFrom {
+    Buffered(Vec<u8>),
+    Direct(AlignedBuf),
+}
+
+impl WriteFrom {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            WriteFrom::Buffered(v) => v,
+            WriteFrom::Direct(a) => a,
+        }
+    }
+}
+
 enum Kind {
-    Read { offset: u64, filled: usize, done: ReadDone },
-    Write { offset: u64, written: usize, done: UnitDone },
+    Read { offset: u64, filled: usize, into: ReadInto },
+    Write { offset: u64, written: usize, from: WriteFrom, done: UnitDone },
     Fsync { done: UnitDone },
 }
 
@@ -89,10 +119,19 @@ enum Kind {
 /// completion has been reaped, so it lives here until then.
 struct Op {
     fd: RawFd,
-    buf: Vec<u8>,
     /// Keeps the file (and so `fd`) open while the kernel uses it.
     _keep: Box<dyn Any>,
     kind: Kind,
+}
+
+/// Why a direct transfer stopped short: O_DIRECT cannot continue from an offset that is not
+/// block-aligned, and a regular file's direct read is short only at its end (it shrank).
+fn short_direct(read: bool) -> io::Error {
+    if read {
+        io::Error::from(io::ErrorKind::UnexpectedEof)
+    } else {
+        io::Error::other("short O_DIRECT write (out of space?)")
+    }
 }
 
 pub struct Uring {
@@ -144,10 +183,48 @@ impl Uring {
         offset: u64,
         done: ReadDone,
     ) {
+        self.read_rest_at(fd, keep, buf, offset, 0, done)
+    }
+
+    /// As [`Uring::read_exact_at`] when `buf[..filled]` already holds the bytes at `offset`
+    /// (from a [`read_nowait`] that found only part of the range cached): reads the rest.
+    pub fn read_rest_at(
+        self: &Rc<Self>,
+        fd: RawFd,
+        keep: Box<dyn Any>,
+        buf: Vec<u8>,
+        offset: u64,
+        filled: usize,
+        done: ReadDone,
+    ) {
+        if filled >= buf.len() {
+            return done(Ok(()), buf);
+        }
+        self.start(Op {
+            fd,
+            _keep: keep,
+            kind: Kind::Read { offset, filled, into: ReadInto::Buffered(buf, done) },
+        });
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset` from an O_DIRECT descriptor (`offset` and the
+    /// length aligned as the file requires; the buffer is). A short read is `UnexpectedEof`.
+    pub fn read_direct_at(
+        self: &Rc<Self>,
+        fd: RawFd,
+        keep: Box<dyn Any>,
+        buf: AlignedBuf,
+        offset: u64,
+        done: DirectReadDone,
+    ) {
         if buf.is_empty() {
             return done(Ok(()), buf);
         }
-        self.start(Op { fd, buf, _keep: keep, kind: Kind::Read { offset, filled: 0, done } });
+        self.start(Op {
+            fd,
+            _keep: keep,
+            kind: Kind::Read { offset, filled: 0, into: ReadInto::Direct(buf, done) },
+        });
     }
 
     /// Write all of `data` at `offset`.
@@ -159,15 +236,32 @@ impl Uring {
         offset: u64,
         done: UnitDone,
     ) {
-        if data.is_empty() {
+        self.write(fd, keep, WriteFrom::Buffered(data), offset, done)
+    }
+
+    /// Write all of `data` at `offset` through an O_DIRECT descriptor (aligned as for
+    /// [`Uring::read_direct_at`]). The buffer is recycled once the kernel is done with it.
+    pub fn write_direct_at(
+        self: &Rc<Self>,
+        fd: RawFd,
+        keep: Box<dyn Any>,
+        data: AlignedBuf,
+        offset: u64,
+        done: UnitDone,
+    ) {
+        self.write(fd, keep, WriteFrom::Direct(data), offset, done)
+    }
+
+    fn write(self: &Rc<Self>, fd: RawFd, keep: Box<dyn Any>, from: WriteFrom, offset: u64, done: UnitDone) {
+        if from.bytes().is_empty() {
             return done(Ok(()));
         }
-        self.start(Op { fd, buf: data, _keep: keep, kind: Kind::Write { offset, written: 0, done } });
+        self.start(Op { fd, _keep: keep, kind: Kind::Write { offset, written: 0, from, done } });
     }
 
     /// fdatasync.
     pub fn datasync(self: &Rc<Self>, fd: RawFd, keep: Box<dyn Any>, done: UnitDone) {
-        self.start(Op { fd, buf: Vec::new(), _keep: keep, kind: Kind::Fsync { done } });
+        self.start(Op { fd, _keep: keep, kind: Kind::Fsync { done } });
     }
 
     fn start(self: &Rc<Self>, op: Op) {
@@ -181,27 +275,31 @@ impl Uring {
             let mut ops = self.ops.borrow_mut();
             let Some(op) = ops.get_mut(key) else { return };
             let fd = types::Fd(op.fd);
-            match &op.kind {
-                Kind::Read { offset, filled, .. } => {
-                    let rest = &mut op.buf[*filled..];
+            match &mut op.kind {
+                Kind::Read { offset, filled, into } => {
+                    let buf: &mut [u8] = match into {
+                        ReadInto::Buffered(v, _) => v,
+                        ReadInto::Direct(a, _) => a,
+                    };
+                    let rest = &mut buf[*filled..];
                     let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-                    opcode::Read::new(fd, rest.as_mut_ptr(), len).offset(offset + *filled as u64).build()
+                    opcode::Read::new(fd, rest.as_mut_ptr(), len).offset(*offset + *filled as u64).build()
                 }
-                Kind::Write { offset, written, .. } => {
-                    let rest = &op.buf[*written..];
+                Kind::Write { offset, written, from, .. } => {
+                    let rest = &from.bytes()[*written..];
                     let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-                    opcode::Write::new(fd, rest.as_ptr(), len).offset(offset + *written as u64).build()
+                    opcode::Write::new(fd, rest.as_ptr(), len).offset(*offset + *written as u64).build()
                 }
                 Kind::Fsync { .. } => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
             }
             .user_data(key as u64)
         };
         let mut ring = self.ring.borrow_mut();
-        // SAFETY: the entry points into `op.buf`, a heap buffer owned by the op table entry
-        // `key`, which stays in the table (neither moved nor freed: the Vec's heap block does
-        // not move when the table grows) until this entry's completion is reaped in `reap`,
-        // and on drop we wait for every outstanding completion first. The fd is kept open by
-        // `_keep` for as long.
+        // SAFETY: the entry points into the op's buffer (a `Vec`'s or an `AlignedBuf`'s heap
+        // block) owned by the op table entry `key`, which stays in the table (neither moved nor
+        // freed: the heap block does not move when the table grows) until this entry's
+        // completion is reaped in `reap`, and on drop we wait for every outstanding completion
+        // first. The fd is kept open by `_keep` for as long.
         let pushed = unsafe { ring.submission().push(&entry) };
         if pushed.is_err() {
             // Queue full: hand what is queued to the kernel now, then there is room.
@@ -230,11 +328,17 @@ impl Uring {
     }
 
     fn fail(&self, key: usize, e: io::Error) {
+        self.finish(key, Err(e));
+    }
+
+    /// Take op `key` out of the table and run its completion with `r`.
+    fn finish(&self, key: usize, r: io::Result<()>) {
         let op = self.ops.borrow_mut().try_remove(key);
         if let Some(op) = op {
             match op.kind {
-                Kind::Read { done, .. } => done(Err(e), op.buf),
-                Kind::Write { done, .. } | Kind::Fsync { done } => done(Err(e)),
+                Kind::Read { into: ReadInto::Buffered(buf, done), .. } => done(r, buf),
+                Kind::Read { into: ReadInto::Direct(buf, done), .. } => done(r, buf),
+                Kind::Write { done, .. } | Kind::Fsync { done } => done(r),
             }
         }
     }
@@ -265,37 +369,40 @@ impl Uring {
         }
         let n = res as usize;
         // Continue a short transfer, or finish.
-        let more = {
+        let more: io::Result<bool> = {
             let mut ops = self.ops.borrow_mut();
             let Some(op) = ops.get_mut(key) else { return };
             match &mut op.kind {
-                Kind::Read { filled, .. } => {
+                Kind::Read { filled, into, .. } => {
+                    let (len, direct) = match into {
+                        ReadInto::Buffered(v, _) => (v.len(), false),
+                        ReadInto::Direct(a, _) => (a.len(), true),
+                    };
+                    *filled += n;
                     if n == 0 {
-                        None
+                        Err(io::Error::from(io::ErrorKind::UnexpectedEof))
+                    } else if direct && *filled < len {
+                        Err(short_direct(true))
                     } else {
-                        *filled += n;
-                        Some(*filled < op.buf.len())
+                        Ok(*filled < len)
                     }
                 }
-                Kind::Write { written, .. } => {
+                Kind::Write { written, from, .. } => {
                     *written += n;
-                    Some(*written < op.buf.len())
+                    let len = from.bytes().len();
+                    if matches!(from, WriteFrom::Direct(_)) && *written < len {
+                        Err(short_direct(false))
+                    } else {
+                        Ok(*written < len)
+                    }
                 }
-                Kind::Fsync { .. } => Some(false),
+                Kind::Fsync { .. } => Ok(false),
             }
         };
         match more {
-            None => self.fail(key, io::Error::from(io::ErrorKind::UnexpectedEof)),
-            Some(true) => self.push(key),
-            Some(false) => {
-                let op = self.ops.borrow_mut().try_remove(key);
-                if let Some(op) = op {
-                    match op.kind {
-                        Kind::Read { done, .. } => done(Ok(()), op.buf),
-                        Kind::Write { done, .. } | Kind::Fsync { done } => done(Ok(())),
-                    }
-                }
-            }
+            Err(e) => self.fail(key, e),
+            Ok(true) => self.push(key),
+            Ok(false) => self.finish(key, Ok(())),
         }
     }
 }
@@ -329,6 +436,27 @@ impl Drop for Uring {
 /// The kind of entry a backend needs to keep its file alive in [`Uring`] calls.
 pub fn keep<T: Any>(v: T) -> Box<dyn Any> {
     Box::new(v)
+}
+
+/// Read into `buf` at `offset` only what the page cache already holds, without waiting for the
+/// disk: `preadv2(RWF_NOWAIT)`. Returns the bytes copied (short when only the start of the range
+/// is cached, 0 at end of file). `WouldBlock` (EAGAIN) means nothing is cached; `Unsupported`
+/// (EOPNOTSUPP) that this kernel or file system cannot do it at all, so there is no point in
+/// asking again.
+pub fn read_nowait(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: `iov` describes `buf`, writable and borrowed for the call; the kernel writes at
+    // most `iov_len` bytes into it. `fd` is a borrowed, open descriptor.
+    let r = unsafe { libc::preadv2(fd.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => io::Error::new(io::ErrorKind::Unsupported, e),
+            _ => e,
+        });
+    }
+    Ok(r as usize)
 }
 
 #[cfg(test)]
@@ -397,5 +525,104 @@ mod tests {
         assert!(lp.run_until(Duration::from_secs(10), || eof.borrow().is_some()));
         let r = eof.borrow_mut().take().unwrap();
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// A file next to the test executable (the build's disk file system, which takes O_DIRECT
+    /// whatever the temp directory is), unlinked at once, opened buffered and direct.
+    fn two_descriptors(len: usize) -> (Arc<File>, Arc<File>) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let exe = std::env::current_exe().unwrap();
+        let path = exe.parent().unwrap().join(format!("blocksmith-uring-direct-{}", std::process::id()));
+        let mut f = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        f.write_all(&vec![0u8; len]).unwrap();
+        let d = File::options().read(true).write(true).custom_flags(libc::O_DIRECT).open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        (Arc::new(f), Arc::new(d))
+    }
+
+    #[test]
+    fn direct_transfers_and_partial_reads() {
+        use crate::io::aligned::{AlignedBuf, ALIGN};
+        use std::os::unix::fs::FileExt;
+        let mut lp = LocalLoop::new().unwrap();
+        let ring = for_loop(&lp.sched()).expect("io_uring");
+        let (f, d) = two_descriptors(4 * ALIGN);
+        // An aligned write through the direct descriptor, read back buffered and direct.
+        let mut data = AlignedBuf::new(2 * ALIGN);
+        data.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 199) as u8);
+        let want = data.to_vec();
+        let wrote = Rc::new(RefCell::new(None));
+        let w = wrote.clone();
+        ring.write_direct_at(
+            d.as_raw_fd(),
+            keep(d.clone()),
+            data,
+            ALIGN as u64,
+            Box::new(move |r| *w.borrow_mut() = Some(r)),
+        );
+        assert!(lp.run_until(Duration::from_secs(10), || wrote.borrow().is_some()));
+        wrote.borrow_mut().take().unwrap().unwrap();
+        let mut plain = vec![0u8; 2 * ALIGN];
+        f.read_exact_at(&mut plain, ALIGN as u64).unwrap();
+        assert_eq!(plain, want);
+        let got = Rc::new(RefCell::new(None));
+        let g = got.clone();
+        ring.read_direct_at(
+            d.as_raw_fd(),
+            keep(d.clone()),
+            AlignedBuf::new(2 * ALIGN),
+            ALIGN as u64,
+            Box::new(move |r, buf| *g.borrow_mut() = Some((r, buf.to_vec()))),
+        );
+        assert!(lp.run_until(Duration::from_secs(10), || got.borrow().is_some()));
+        let (r, buf) = got.borrow_mut().take().unwrap();
+        r.unwrap();
+        assert_eq!(buf, want);
+        // A direct read that meets the end of the file is an error, not a short buffer.
+        let got = Rc::new(RefCell::new(None));
+        let g = got.clone();
+        ring.read_direct_at(
+            d.as_raw_fd(),
+            keep(d.clone()),
+            AlignedBuf::new(2 * ALIGN),
+            3 * ALIGN as u64,
+            Box::new(move |r, _| *g.borrow_mut() = Some(r)),
+        );
+        assert!(lp.run_until(Duration::from_secs(10), || got.borrow().is_some()));
+        let r = got.borrow_mut().take().unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        // The rest of a read whose start is already in the buffer: the start is left alone.
+        let mut start = vec![0xeeu8; 3 * ALIGN];
+        start[..100].fill(0x11);
+        let got = Rc::new(RefCell::new(None));
+        let g = got.clone();
+        ring.read_rest_at(
+            f.as_raw_fd(),
+            keep(f.clone()),
+            start,
+            0,
+            100,
+            Box::new(move |r, buf| *g.borrow_mut() = Some((r, buf))),
+        );
+        assert!(lp.run_until(Duration::from_secs(10), || got.borrow().is_some()));
+        let (r, buf) = got.borrow_mut().take().unwrap();
+        r.unwrap();
+        assert_eq!(&buf[..100], &[0x11; 100][..]);
+        assert_eq!(&buf[100..ALIGN], &vec![0u8; ALIGN - 100][..]);
+        assert_eq!(&buf[ALIGN..], &want[..]);
+    }
+
+    #[test]
+    fn nowait_reads_copy_what_is_cached() {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileExt;
+        let (f, _) = two_descriptors(8192);
+        f.write_all_at(&[3u8; 8192], 0).unwrap();
+        // Just written, so in the page cache.
+        let mut buf = vec![0u8; 8192];
+        assert_eq!(read_nowait(f.as_fd(), &mut buf, 0).unwrap(), 8192);
+        assert_eq!(buf, vec![3u8; 8192]);
+        // At the end of the file: nothing to copy.
+        assert_eq!(read_nowait(f.as_fd(), &mut buf, 8192).unwrap(), 0);
     }
 }

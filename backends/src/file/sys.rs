@@ -1,0 +1,100 @@
+//! The system calls the file backend needs beyond std, each checked and wrapped once. The only
+//! place in the file backend allowed `unsafe` (the O_DIRECT and RWF_NOWAIT calls live in the
+//! core's IO driver, `blocksmith_core::io`).
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+// Block-layer ioctls libc does not name. Each is _IO(0x12, nr); deriving them from
+// BLKSSZGET = _IO(0x12, 104) carries over the architecture's _IO encoding, which is not the
+// same everywhere (mips, powerpc and sparc put a direction bit in it).
+pub const BLKDISCARD: libc::Ioctl = libc::BLKSSZGET + (119 - 104);
+pub const BLKROTATIONAL: libc::Ioctl = libc::BLKSSZGET + (126 - 104);
+pub const BLKZEROOUT: libc::Ioctl = libc::BLKSSZGET + (127 - 104);
+
+fn off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+pub fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (o, l) = (off(offset)?, off(len)?);
+    // SAFETY: fallocate takes only integers; the descriptor belongs to `f`, which is borrowed
+    // for the duration of the call and so stays open.
+    check(unsafe { libc::fallocate(f.as_raw_fd(), mode, o, l) })
+}
+
+/// lseek with SEEK_DATA or SEEK_HOLE. `None` means ENXIO: no data at or after `offset`.
+pub fn seek(f: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let o = off(offset)?;
+    // SAFETY: lseek takes only integers; `f` keeps the descriptor open during the call. The
+    // file position it moves is never used (all IO is positional).
+    let r = unsafe { libc::lseek(f.as_raw_fd(), o, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        _ => Err(e),
+    }
+}
+
+pub fn fadvise(f: &File, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
+    let (o, l) = (off(offset)?, off(len)?);
+    // SAFETY: posix_fadvise takes only integers; `f` keeps the descriptor open. It returns
+    // the error number instead of setting errno.
+    match unsafe { libc::posix_fadvise(f.as_raw_fd(), o, l, advice) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+pub fn sync_file_range(f: &File, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
+    let (o, l) = (off(offset)?, off(len)?);
+    // SAFETY: sync_file_range takes only integers; `f` keeps the descriptor open.
+    check(unsafe { libc::sync_file_range(f.as_raw_fd(), o, l, flags) })
+}
+
+/// BLKDISCARD or BLKZEROOUT over `[offset, offset + len)`.
+pub fn block_range(f: &File, request: libc::Ioctl, offset: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: both ioctls read a `uint64_t[2]` {start, length} through the pointer, which
+    // points at `range`, alive and correctly sized until the call returns.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), request, range.as_ptr()) })
+}
+
+/// The logical sector size of a block device (BLKSSZGET).
+pub fn sector_size(f: &File) -> io::Result<u64> {
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one `int` through the pointer, which points at `size`.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), libc::BLKSSZGET, &mut size as *mut libc::c_int) })?;
+    u64::try_from(size)
+        .ok()
+        .filter(|s| s.is_power_of_two())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad sector size"))
+}
+
+/// Whether a block device is rotational (BLKROTATIONAL).
+pub fn rotational(f: &File) -> io::Result<bool> {
+    let mut rot: libc::c_ushort = 0;
+    // SAFETY: BLKROTATIONAL writes one `unsigned short` through the pointer, which points at
+    // `rot`.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), BLKROTATIONAL, &mut rot as *mut libc::c_ushort) })?;
+    Ok(rot != 0)
+}
+
+/// "This file system or device cannot do that" (ENODEV is what old kernels said for
+/// fallocate on block devices; ENOTSUP is the same value as EOPNOTSUPP on Linux).
+pub fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENODEV | libc::ENOTTY))
+}
