@@ -291,7 +291,9 @@ Serve a block device over NBD. Options (nbdkit's):
       --io-threads N       threads for blocking file IO (default 8)
       --io uring|pool      file IO through io_uring (default, when the kernel has it) or
                            the thread pool
-      --memory-limit SIZE  budget for request and reply buffers (default 1G)
+      --memory-limit SIZE  budget for request and reply buffers; when spent, clients wait
+                           (default: 1/8 of RAM, or of the cgroup's memory limit if lower,
+                           between 2 x --max-request and 16G; -v prints it)
       --max-request SIZE   largest READ/WRITE served (default 64M)
   -v, --verbose            debug messages on stderr
   -V, --version            print the version
@@ -337,6 +339,14 @@ mod tests {
         assert_eq!(p(&["null"]).unwrap().tls, TlsPolicy::Off);
         assert!(p(&["--tls=maybe", "null"]).is_err());
         assert!(p(&["--tls-verify-peer=1", "null"]).is_err());
+    }
+
+    #[test]
+    fn memory_limit() {
+        assert_eq!(p(&["null"]).unwrap().memory_limit, None, "absent: sized to the machine at start-up");
+        assert_eq!(p(&["--memory-limit", "256M", "null"]).unwrap().memory_limit, Some(256 << 20));
+        assert_eq!(p(&["--memory-limit=1G", "null"]).unwrap().memory_limit, Some(1 << 30));
+        assert!(USAGE.contains("1/8 of RAM"), "--help says how the default is computed");
     }
 
     #[test]

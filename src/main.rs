@@ -287,7 +287,15 @@ fn run(opts: Options) -> Result<ExitCode, String> {
     if let Some(m) = opts.max_request {
         conn.max_request = m;
     }
-    let memory_limit = opts.memory_limit.unwrap_or(limits::DEFAULT_MEMORY_LIMIT);
+    // The default is sized to the machine (1/8 of RAM or of the cgroup limit, clamped): see
+    // `limits::default_memory_limit`.
+    let limit_in_use = match opts.memory_limit {
+        Some(n) => {
+            limits::MemoryLimit { bytes: n as u64, source: limits::LimitSource::CommandLine, clamped: false }
+        }
+        None => limits::default_memory_limit(limits::MachineMemory::read(), conn.max_request),
+    };
+    let memory_limit = usize::try_from(limit_in_use.bytes).unwrap_or(usize::MAX);
     if memory_limit < 2 * conn.max_request as usize {
         return Err(format!(
             "--memory-limit must be at least twice the largest request ({} bytes)",
@@ -308,11 +316,14 @@ fn run(opts: Options) -> Result<ExitCode, String> {
         readonly: opts.readonly,
         tls: tls.creds.clone(),
     };
+    // Recycled payload buffers are part of the memory bound: their pool shrinks with the limit.
+    let pooled = blocksmith_core::bufpool::configure(memory_limit, cfg.loops);
     log::debug!(
-        "{} event loop(s), {} blocking IO thread(s), memory limit {} bytes",
+        "{} event loop(s), {} blocking IO thread(s), memory limit {limit_in_use} = {memory_limit} bytes, \
+         recycled buffers at most {} per loop",
         cfg.loops,
         cfg.io_threads,
-        memory_limit
+        limits::human_bytes(pooled as u64)
     );
 
     if opts.io_pool {
