@@ -352,6 +352,65 @@ h.shutdown()
     stop_all([ours, theirs]);
 }
 
+/// Exit 6 drops the client at once, without a reply; exit 7 answers (success), then closes the
+/// connection gracefully. Other clients are unaffected. (nbdkit ≥ 1.34 does the same; the
+/// Debian nbdkit 1.32 treats both as errors, so this is not compared.)
+#[test]
+fn exit_codes_six_and_seven_drop_the_client() {
+    let dir = TempDir::new("shdrop");
+    let s = script(
+        &dir,
+        "drop.sh",
+        r#"#!/bin/sh
+case "$1" in
+  get_size) echo 1M ;;
+  pread)
+    case "$4" in
+      4096) exit 6 ;;
+      8192) dd if=/dev/zero count=$3 iflag=count_bytes status=none; exit 7 ;;
+      *) dd if=/dev/zero count=$3 iflag=count_bytes status=none ;;
+    esac ;;
+  *) exit 2 ;;
+esac
+"#,
+    );
+    let srv = Server::unix(&["sh", &s]);
+    python(
+        r#"
+import sys, nbd
+def conn():
+    h = nbd.NBD()
+    h.set_strict_mode(nbd.STRICT_COMMANDS | nbd.STRICT_FLAGS | nbd.STRICT_BOUNDS)
+    h.connect_uri(sys.argv[1])
+    return h
+bystander = conn()
+# Exit 6: no reply, the connection is gone.
+h = conn()
+assert h.pread(512, 0) == bytes(512)
+try:
+    h.pread(512, 4096)
+    raise SystemExit("read with exit 6 succeeded")
+except nbd.Error as e:
+    pass
+assert h.aio_is_dead() or h.aio_is_closed(), "connection still up after exit 6"
+# Exit 7: this read succeeds, then the server closes the connection.
+h = conn()
+assert h.pread(512, 8192) == bytes(512)
+try:
+    h.pread(512, 0)
+    raise SystemExit("read after exit 7 succeeded")
+except nbd.Error:
+    pass
+assert h.aio_is_dead() or h.aio_is_closed(), "connection still up after exit 7"
+# Other clients carry on.
+assert bystander.pread(512, 0) == bytes(512)
+bystander.shutdown()
+"#,
+        &[&srv.uri()],
+    );
+    stop_all([srv]);
+}
+
 /// Stop servers with SIGTERM (dropping one kills it), so they unload and remove $tmpdir.
 fn stop_all<const N: usize>(servers: [Server; N]) {
     for mut s in servers {

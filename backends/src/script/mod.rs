@@ -50,7 +50,7 @@ use blocksmith_core::control::ServerControl;
 use blocksmith_core::error::Errno;
 use blocksmith_core::layer::registry::ExportDesc;
 use blocksmith_core::layer::{
-    BackendFactory, Done, ExportInfo, Extents, Flags, Layer, OpenCx, ParamSpec, Support,
+    BackendFactory, Disconnect, Done, ExportInfo, Extents, Flags, Layer, OpenCx, ParamSpec, Support,
 };
 use blocksmith_core::{ConfigError, NbdError};
 
@@ -365,6 +365,7 @@ impl BackendFactory for ScriptBackend {
             rt: self.rt.clone(),
             hub: hub.clone(),
             control: cx.control.clone(),
+            disconnect: cx.disconnect.clone(),
             handle: RefCell::new(OsString::new()),
             own: matches!(model, ThreadModel::SerializeRequests | ThreadModel::SerializeConnections)
                 .then(|| Gate::new(1)),
@@ -410,6 +411,8 @@ struct ConnState {
     rt: Arc<Runtime>,
     hub: Rc<Hub>,
     control: Arc<ServerControl>,
+    /// Drops this client when the script says so (exit 6 at once, 7 and 8 gracefully).
+    disconnect: Disconnect,
     /// What `open` printed, passed to every later method.
     handle: RefCell<OsString>,
     /// One run at a time for this connection (thread models serialize_requests and
@@ -492,6 +495,9 @@ impl ConnState {
                     if fx.disconnect {
                         log::info!("{}: {method}: the script asked to drop this client", after.rt.name);
                         after.disconnected.set(true);
+                        // Exit 6 drops the client without answering; 7 and 8 answer what is
+                        // in flight first.
+                        after.disconnect.request(matches!(fin.exit, child::Exit::Code(6)));
                     }
                     after.in_flight.set(after.in_flight.get() - 1);
                     then(Outcome { reply, out: fin.out, out_total: fin.out_total });

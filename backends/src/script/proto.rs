@@ -43,8 +43,8 @@ pub(crate) fn classify(method: &str, exit: &Exit, stderr: &[u8]) -> (Reply, Effe
             Reply::Err(script_error(method, stderr, Errno::Shutdown)),
             Effects { shutdown: true, disconnect: false },
         ),
-        // nbdkit drops the connection without a reply. Nothing below the connection can do
-        // that here, so the request fails with ESHUTDOWN and so does every later one.
+        // The connection is dropped without a reply (the caller asks for it); were it to
+        // linger, this request and every later one fail with ESHUTDOWN.
         Exit::Code(6) => (
             Reply::Err(NbdError::msg(
                 Errno::Shutdown,

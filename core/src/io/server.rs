@@ -35,7 +35,7 @@ use crate::budget::Budget;
 use crate::conn::{Conn, ConnConfig, Event, Op, Outcome, Request, RequestId};
 use crate::control::ServerControl;
 use crate::error::NbdError;
-use crate::layer::{Disconnect, Done, Layer, OpenCx, Peer, PeerCred, Stack};
+use crate::layer::{Disconnect, Done, Layer, OpenCx, Peer, PeerCred, ReadData, Stack};
 use crate::sched::Sched;
 use crate::tls::{ServerTls, TlsSession};
 
@@ -532,7 +532,18 @@ impl Loop {
         }
     }
 
+    /// Accept every waiting client on listener `index`, until the backlog is empty or the
+    /// process is out of descriptors.
+    ///
+    /// Out of descriptors (EMFILE: this process's `ulimit -n`; ENFILE: the system's) is the
+    /// server's state, not one loop's: every loop fails at once, and keeps failing while clients
+    /// wait. So it is logged once when it begins (whichever loop sees it first), and the end is
+    /// noted (at info, `-v`) when a loop finds the backlog empty again. Meanwhile the loop pauses
+    /// accepting ([`Loop::pause_accept`]); waiting clients stay in the kernel's backlog, and
+    /// one is taken each time a descriptor frees (a connection closing, or the retry timer).
     fn accept(&mut self, index: usize) {
+        /// Process-wide, as descriptors are: one warning per shortage, however many loops.
+        static OUT_OF_DESCRIPTORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         loop {
             let Some(listener) = self.listeners.get(index) else { return };
             let accepted = match listener {
@@ -544,7 +555,6 @@ impl Loop {
             };
             match accepted {
                 Ok((t, addr)) => {
-                    self.emfile_logged = false;
                     let cred = t.peer_cred();
                     let peer = Peer { addr, cred, is_tls: false, tls_subject: None };
                     // nbdkit's preconnect: a refused client is closed before it is served.
@@ -575,14 +585,22 @@ impl Loop {
                         log::warn!("cannot register connection: {e}");
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Nobody is waiting any more: a shortage this loop saw is over.
+                    if std::mem::take(&mut self.emfile_logged)
+                        && OUT_OF_DESCRIPTORS.swap(false, Ordering::Relaxed)
+                    {
+                        log::info!("accept: descriptors available again; every waiting client accepted");
+                    }
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
                     // Out of descriptors: do not spin on accept. Stop, say so once, and try again
                     // after a pause or when one of our connections closes.
-                    if !self.emfile_logged {
+                    self.emfile_logged = true;
+                    if !OUT_OF_DESCRIPTORS.swap(true, Ordering::Relaxed) {
                         log::warn!("accept: {e}; pausing new connections until a descriptor frees");
-                        self.emfile_logged = true;
                     }
                     self.pause_accept();
                     return;
@@ -596,11 +614,18 @@ impl Loop {
         }
     }
 
+    /// Stop accepting until the retry timer fires or a connection of this loop closes (either
+    /// sets `accept_retry`). At most one retry timer is pending: it holds a clone of the flag
+    /// until it runs, so a second clone means one is armed. (Re-arming on every pause would add
+    /// a timer per connection closed during a shortage, each retrying every `ACCEPT_RETRY`.)
     fn pause_accept(&mut self) {
         if self.accept_paused {
             return;
         }
         self.accept_paused = true;
+        if Rc::strong_count(&self.accept_retry) > 1 {
+            return;
+        }
         let flag = self.accept_retry.clone();
         self.sched.after(ACCEPT_RETRY, move || *flag.borrow_mut() = true);
     }
@@ -690,10 +715,20 @@ impl Loop {
             if s.conn.process(now) {
                 more = true;
             }
+            // Processing may have unblocked reading (a request waiting for budget got it): the
+            // socket's unread bytes raise no new edge, so come back for them.
+            if s.readable && !s.read_eof && s.conn.wants_read() {
+                more = true;
+            }
         }
         self.dispatch_events(key);
         self.drain_completions();
         let Some(s) = self.conns.get_mut(key) else { return };
+        if s.disconnect.requested() == Some(true) {
+            // Forced: drop the client without answering what is in flight.
+            log::debug!("connection {}: a layer dropped the client", s.id);
+            return self.close(key, false);
+        }
         // Write what is queued.
         let written = if s.tls_active() { s.write_tls() } else { s.write_plain() };
         let mut wrote = match written {
@@ -710,14 +745,9 @@ impl Loop {
                 wrote = true;
             }
         }
-        match s.disconnect.requested() {
-            Some(true) => {
-                log::debug!("connection {}: a layer dropped the client", s.id);
-                return self.close(key, false);
-            }
-            // Graceful: read no more requests, answer those in flight, then close.
-            Some(false) if !s.conn.is_finished() => s.conn.shutdown(),
-            _ => {}
+        // Graceful: read no more requests, answer those in flight, then close.
+        if s.disconnect.requested() == Some(false) && !s.conn.is_finished() {
+            s.conn.shutdown();
         }
         if s.conn.is_aborted() {
             if let Some(v) = s.conn.abort_reason() {
@@ -898,12 +928,21 @@ impl Slot {
             if buf.is_empty() {
                 break;
             }
+            let offered = buf.len();
             match self.io.read(buf) {
                 Ok(0) => {
                     self.read_eof = true;
                     self.conn.handle_read(0, now);
                 }
-                Ok(n) => self.conn.handle_read(n, now),
+                Ok(n) => {
+                    // A short read drained the socket: anything arriving later raises a fresh
+                    // edge, so skip the read that would only say EAGAIN. Requests that arrive
+                    // meanwhile are read together on the next pass (fewer, larger reads).
+                    if n < offered {
+                        self.readable = false;
+                    }
+                    self.conn.handle_read(n, now);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.readable = false;
                     self.conn.handle_would_block();
@@ -1121,7 +1160,17 @@ fn start_request(layer: &Rc<dyn Layer>, req: Request, key: usize, gen: u64, comp
         c.borrow_mut().push(Completion::Request { key, gen, id, result });
     };
     match op {
-        Op::Read { buf } => layer.pread(buf, offset, flags, Done::new(move |r| finish(r.map(Outcome::Data)))),
+        Op::Read { count } => layer.pread_lent(
+            count,
+            offset,
+            flags,
+            Done::new(move |r| {
+                finish(r.map(|d| match d {
+                    ReadData::Buf(v) => Outcome::Data(v),
+                    ReadData::Lent(pieces) => Outcome::Lent(pieces),
+                }))
+            }),
+        ),
         Op::Write { data } => {
             layer.pwrite(data, offset, flags, Done::new(move |r| finish(r.map(|_| Outcome::Done))))
         }
