@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 # Debian package -> the commands the tests run from it. libssl-dev and pkg-config are build
 # dependencies (the openssl crate behind `--tls-psk`); gnutls-bin brings certtool, psktool and
 # gnutls-cli, openssl its command line, for the TLS tests.
-packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit fdisk gnutls-bin openssl libssl-dev pkg-config)
-tools=(qemu-img qemu-io nbdinfo nbdcopy nbdsh fio nbdkit sfdisk /usr/bin/python3 certtool psktool gnutls-cli openssl pkg-config)
+packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit fdisk gnutls-bin openssl libssl-dev pkg-config util-linux)
+tools=(qemu-img qemu-io nbdinfo nbdcopy nbdsh fio nbdkit sfdisk /usr/bin/python3 certtool psktool gnutls-cli openssl pkg-config prlimit)
 
 missing=()
 for p in "${packages[@]}"; do

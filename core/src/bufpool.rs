@@ -80,7 +80,7 @@ pub fn pool_cap(memory_limit: usize, loops: usize) -> usize {
 pub fn configure(memory_limit: usize, loops: usize) -> usize {
     let cap = pool_cap(memory_limit, loops);
     POOL_CAP.store(cap, Ordering::Relaxed);
-    single_malloc_arena();
+    crate::io::process::single_malloc_arena();
     cap
 }
 
@@ -88,24 +88,6 @@ pub fn configure(memory_limit: usize, loops: usize) -> usize {
 pub fn cap() -> usize {
     POOL_CAP.load(Ordering::Relaxed)
 }
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn single_malloc_arena() {
-    let chosen = |var: &str| std::env::var_os(var).is_some();
-    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-    if chosen("MALLOC_ARENA_MAX") || tunables.contains("arena_max") {
-        return;
-    }
-    // SAFETY: mallopt only changes a parameter of glibc's allocator; it takes the allocator's
-    // own lock and is safe to call at any time.
-    let ok = unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-    if ok != 1 {
-        log::debug!("mallopt(M_ARENA_MAX, 1) failed; freed memory stays with each thread's arena");
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn single_malloc_arena() {}
 
 /// The class of a pooled buffer: its size, a power of two from `MIN_CLASS` to `MAX_CLASS`.
 fn class_of(size: usize) -> Option<usize> {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use blocksmith_core::config::Params;
 use blocksmith_core::error::{ConfigError, Errno, NbdError};
 use blocksmith_core::layer::{
-    Done, ExportInfo, Extents, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next, OpenCx,
-    ParamSpec, EXTENT_HOLE, EXTENT_ZERO,
+    Done, ExportInfo, Extents, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Lent, Next,
+    OpenCx, ParamSpec, ReadData, EXTENT_HOLE, EXTENT_ZERO,
 };
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -143,6 +143,35 @@ impl Filter for TruncateFilter {
         )
     }
 
+    /// As `pread`, keeping what the layer below lends: the part past its end is a hole.
+    fn pread_lent(&self, next: &Next, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        let n = self.below(count as u64, offset) as usize;
+        if n == count {
+            return next.pread_lent(count, offset, flags, done);
+        }
+        if n == 0 {
+            return done.ok(ReadData::Lent(vec![Lent::Zero(count)]));
+        }
+        let tail = count - n;
+        next.pread_lent(
+            n,
+            offset,
+            flags,
+            done.map(move |r: Result<ReadData, NbdError>| {
+                r.map(|d| match d {
+                    ReadData::Lent(mut pieces) => {
+                        pieces.push(Lent::Zero(tail));
+                        ReadData::Lent(pieces)
+                    }
+                    ReadData::Buf(mut b) => {
+                        b.resize(n + tail, 0);
+                        ReadData::Buf(b)
+                    }
+                })
+            }),
+        )
+    }
+
     fn pwrite(&self, next: &Next, mut data: Vec<u8>, offset: u64, flags: Flags, done: Done<()>) {
         let count = data.len() as u64;
         let n = self.below(count, offset);
@@ -249,6 +278,11 @@ mod tests {
         assert!(b[50..].iter().all(|x| *x == 0));
         let b = wait(&sim, |d| top.pread(vec![9; 100], 2000, Flags::NONE, d)).unwrap();
         assert_eq!(b, vec![0; 100]);
+        // Client reads (lent or not below) get the same bytes, the tail as a hole.
+        let d = wait(&sim, |d| top.pread_lent(100, 950, Flags::NONE, d)).unwrap();
+        assert_eq!(d.into_vec()[..], [&ram.data.borrow()[950..1000], &[0u8; 50][..]].concat());
+        let d = wait(&sim, |d| top.pread_lent(100, 2000, Flags::NONE, d)).unwrap();
+        assert!(matches!(d, ReadData::Lent(ref p) if matches!(p.as_slice(), [Lent::Zero(100)])));
 
         let mut w = vec![7u8; 50];
         w.extend([0u8; 50]);

@@ -1,5 +1,6 @@
-//! Process plumbing: daemonizing, the parent-death signal, fd flags. The only `unsafe` in the
-//! core lives here, each block with the reason it is sound.
+//! Process plumbing: daemonizing, the parent-death signal, fd flags, the allocator's arenas.
+//! Like the rest of `core/src/io/`, the IO-driver code, it may use `unsafe`, each block with
+//! the reason it is sound.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -106,3 +107,24 @@ pub fn peer_cred(fd: RawFd) -> Option<crate::layer::PeerCred> {
     }
     Some(crate::layer::PeerCred { pid: cred.pid, uid: cred.uid, gid: cred.gid })
 }
+
+/// One glibc malloc arena for all threads (unless the user chose with `MALLOC_ARENA_MAX` or
+/// `GLIBC_TUNABLES`): memory a loop frees then serves the next request on any loop, which
+/// keeps resident memory near `--memory-limit` (see `bufpool::configure`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn single_malloc_arena() {
+    let chosen = |var: &str| std::env::var_os(var).is_some();
+    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    if chosen("MALLOC_ARENA_MAX") || tunables.contains("arena_max") {
+        return;
+    }
+    // SAFETY: mallopt only changes a parameter of glibc's allocator; it takes the allocator's
+    // own lock and is safe to call at any time.
+    let ok = unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    if ok != 1 {
+        log::debug!("mallopt(M_ARENA_MAX, 1) failed; freed memory stays with each thread's arena");
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn single_malloc_arena() {}
