@@ -373,7 +373,7 @@ impl BackendFactory for NbdFactory {
                 return done.err(e);
             }
         }
-        let pool = pool_for(&self.cfg, &cx.sched);
+        let pool = pool_for(&self.cfg, &cx.sched, &cx.budget);
         let Some(lane) = pool.acquire(&[]) else {
             return done.err(NbdError::io("internal error: no upstream connection available"));
         };

@@ -26,6 +26,7 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Duration;
 
+use blocksmith_core::budget::{Budget, Reservation};
 use blocksmith_core::error::NbdError;
 use blocksmith_core::layer::{Done, Extents};
 use blocksmith_core::sched::{Sched, TimerId, WatchId};
@@ -180,6 +181,9 @@ struct Live {
     rbuf: Vec<u8>,
     /// After STARTTLS: every socket byte goes through this session.
     tls: Option<Box<dyn TlsSession>>,
+    /// The session's memory, charged to `--memory-limit` like a client's TLS session.
+    tls_reserved: Option<Reservation>,
+    budget: Budget,
 }
 
 enum State {
@@ -198,6 +202,8 @@ pub struct Lane {
     pub id: u64,
     cfg: Arc<Config>,
     sched: Sched,
+    /// The server's `--memory-limit`, which pays for TLS sessions to the upstream.
+    budget: Budget,
     me: Weak<Lane>,
     /// Told when this lane retires (so no new client picks it).
     on_retire: Box<dyn Fn(u64)>,
@@ -214,11 +220,18 @@ pub struct Lane {
 }
 
 impl Lane {
-    pub fn new(id: u64, cfg: Arc<Config>, sched: Sched, on_retire: Box<dyn Fn(u64)>) -> Rc<Lane> {
+    pub fn new(
+        id: u64,
+        cfg: Arc<Config>,
+        sched: Sched,
+        budget: Budget,
+        on_retire: Box<dyn Fn(u64)>,
+    ) -> Rc<Lane> {
         Rc::new_cyclic(|me| Lane {
             id,
             cfg,
             sched,
+            budget,
             me: me.clone(),
             on_retire,
             state: RefCell::new(State::Down),
@@ -348,6 +361,8 @@ impl Lane {
             m: Machine::with_tls(&self.cfg.export, self.cfg.tls_mode),
             rbuf: vec![0; READ_CHUNK],
             tls: None,
+            tls_reserved: None,
+            budget: self.budget.clone(),
         };
         *self.state.borrow_mut() = State::Up(Box::new(live));
         // Edge-triggered: registering reports what is already readable, so a greeting that
@@ -641,8 +656,12 @@ fn start_tls(live: &mut Live, cfg: &Config) -> Result<(), String> {
     if !live.m.out().is_empty() {
         return Err("internal error: plaintext queued across STARTTLS".to_string());
     }
+    let reserved = live.budget.reserve(blocksmith_core::tls::SESSION_BUDGET_BYTES).ok_or_else(|| {
+        "no memory left for a TLS session to the upstream (--memory-limit); will retry".to_string()
+    })?;
     let session = client.new_session().map_err(|e| format!("TLS: {e}"))?;
     live.tls = Some(session);
+    live.tls_reserved = Some(reserved);
     Ok(())
 }
 

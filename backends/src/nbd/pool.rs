@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
+use blocksmith_core::budget::Budget;
 use blocksmith_core::sched::Sched;
 
 use super::lane::Lane;
@@ -24,6 +25,7 @@ thread_local! {
 pub struct Pool {
     cfg: Arc<Config>,
     sched: Sched,
+    budget: Budget,
     me: Weak<Pool>,
     lanes: RefCell<Vec<Rc<Lane>>>,
     next_lane: Cell<u64>,
@@ -31,7 +33,7 @@ pub struct Pool {
 
 /// This loop's pool for `cfg`. A pool belongs to one scheduler: a test that runs a second loop
 /// on the same thread gets a fresh one.
-pub fn pool_for(cfg: &Arc<Config>, sched: &Sched) -> Rc<Pool> {
+pub fn pool_for(cfg: &Arc<Config>, sched: &Sched, budget: &Budget) -> Rc<Pool> {
     POOLS.with(|pools| {
         let mut pools = pools.borrow_mut();
         if let Some(p) = pools.get(&cfg.id) {
@@ -42,6 +44,7 @@ pub fn pool_for(cfg: &Arc<Config>, sched: &Sched) -> Rc<Pool> {
         let p = Rc::new_cyclic(|me| Pool {
             cfg: cfg.clone(),
             sched: sched.clone(),
+            budget: budget.clone(),
             me: me.clone(),
             lanes: RefCell::new(Vec::new()),
             next_lane: Cell::new(1),
@@ -88,6 +91,7 @@ impl Pool {
             id,
             self.cfg.clone(),
             self.sched.clone(),
+            self.budget.clone(),
             Box::new(move |id| {
                 if let Some(p) = pool.upgrade() {
                     p.lanes.borrow_mut().retain(|l| l.id != id);

@@ -798,8 +798,16 @@ fn run<T: 'static>(lp: &mut LocalLoop, f: impl FnOnce(Done<T>)) -> Result<T, Nbd
 
 fn open(lp: &mut LocalLoop, f: &Arc<dyn BackendFactory>) -> Result<Rc<dyn Layer>, NbdError> {
     let cx = OpenCx::for_tests(lp.sched());
+    open_with(lp, f, &cx)
+}
+
+fn open_with(
+    lp: &mut LocalLoop,
+    f: &Arc<dyn BackendFactory>,
+    cx: &OpenCx,
+) -> Result<Rc<dyn Layer>, NbdError> {
     let stack = Stack::new(("nbd".into(), f.clone()), vec![]);
-    run(lp, |d| stack.open(&cx, d))
+    run(lp, |d| stack.open(cx, d))
 }
 
 fn factory(kv: &[(&str, &str)]) -> Arc<dyn BackendFactory> {
@@ -1196,6 +1204,16 @@ fn psk_tls_to_a_real_server() {
     run(&mut lp, |d| l.pwrite(data.clone(), 4096, Flags::NONE, d)).unwrap();
     assert_eq!(run(&mut lp, |d| l.pread(vec![0; data.len()], 4096, Flags::NONE, d)).unwrap(), data);
     l.close();
+
+    // The session is paid for from --memory-limit: with no room for it, the open fails and
+    // the reservation of the attempt is given back.
+    let budget = blocksmith_core::budget::Budget::new(64 * 1024);
+    let cx = OpenCx { budget: budget.clone(), ..OpenCx::for_tests(lp.sched()) };
+    let f2 =
+        factory(&[("socket", &sock), ("tls", "require"), ("tls-psk", &keyfile), ("tls-username", "alice")]);
+    let e = open_with(&mut lp, &f2, &cx).map(|_| ()).unwrap_err();
+    assert!(e.message.as_deref().unwrap_or("").contains("memory-limit"), "{e:?}");
+    assert_eq!(budget.used(), 0);
 
     let wrongfile = wrong.to_str().unwrap().to_string();
     let f = factory(&[("socket", &sock), ("tls", "require"), ("tls-psk", &wrongfile)]);
