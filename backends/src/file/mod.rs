@@ -255,10 +255,21 @@ impl FileLayer {
     /// The page-cache fast path: copy what is cached right here, without waiting. Returns how
     /// many leading bytes of `buf` it filled (all of them when the range was cached).
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> usize {
+        if self.shared.inline_reads.load(Ordering::Relaxed) {
+            return self.read_resident(buf, offset);
+        }
         match uring::read_nowait(self.shared.file.as_fd(), buf, offset) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Unsupported || e.raw_os_error() == Some(libc::ENOSYS) => {
                 if self.shared.nowait.swap(false, Ordering::Relaxed) {
+                    if self.shared.resident {
+                        self.shared.inline_reads.store(true, Ordering::Relaxed);
+                        log::debug!(
+                            "file: RWF_NOWAIT reads unsupported here ({e}), but the file is in memory \
+                             (tmpfs without swap, or ramfs): reads complete on the loop"
+                        );
+                        return self.read_resident(buf, offset);
+                    }
                     log::debug!("file: RWF_NOWAIT reads unsupported here ({e}); every read is queued");
                 }
                 0
@@ -266,6 +277,23 @@ impl FileLayer {
             // EAGAIN: not cached. Any other error: the queued read will meet it and report it.
             Err(_) => 0,
         }
+    }
+
+    /// A plain read on the loop, for a file that lives in memory. Returns how many leading
+    /// bytes it filled; a short count (end of file, an error) leaves the rest to the queued
+    /// read, which reports what went wrong.
+    fn read_resident(&self, buf: &mut [u8], offset: u64) -> usize {
+        use std::os::unix::fs::FileExt;
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.shared.file.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        filled
     }
 }
 
@@ -315,7 +343,7 @@ impl Layer for FileLayer {
             });
         }
         let mut filled = 0;
-        if self.shared.nowait.load(Ordering::Relaxed) {
+        if self.shared.nowait.load(Ordering::Relaxed) || self.shared.inline_reads.load(Ordering::Relaxed) {
             filled = self.read_cached(&mut buf, offset);
             if filled == buf.len() {
                 return done.ok(buf);

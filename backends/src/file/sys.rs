@@ -98,3 +98,25 @@ pub fn rotational(f: &File) -> io::Result<bool> {
 pub fn unsupported(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENODEV | libc::ENOTTY))
 }
+
+/// Whether the file's pages live in memory for good: on ramfs, or on tmpfs while no swap is
+/// active (`/proc/swaps` lists none), so reading it can never wait for a disk.
+pub fn memory_resident(f: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs fills the statfs we point it at, which lives across the call; `f` keeps
+    // the descriptor open.
+    if unsafe { libc::fstatfs(f.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs returned 0, so it initialised the whole struct.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // f_type's integer type differs between architectures
+    let kind = st.f_type as i64;
+    match kind {
+        RAMFS_MAGIC => true,
+        TMPFS_MAGIC => std::fs::read_to_string("/proc/swaps").is_ok_and(|s| s.lines().count() <= 1),
+        _ => false,
+    }
+}

@@ -137,6 +137,30 @@ fn cached_reads_complete_on_the_loop() {
     assert_eq!(got, &data[4096..8192]);
 }
 
+/// On tmpfs (no RWF_NOWAIT there) reads complete on the loop when no swap is active, since
+/// they cannot wait for a disk; with swap they are queued. Either way the bytes are right, and
+/// the end of the file still comes back as an error from the queued path.
+#[test]
+fn reads_of_a_file_in_memory_complete_on_the_loop_unless_it_can_swap() {
+    let shm = Path::new("/dev/shm");
+    assert!(shm.is_dir(), "/dev/shm (tmpfs) is needed for this test");
+    let t = TempFile::new_in(shm, 0);
+    let data: Vec<u8> = (0..64 << 10).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&t.0, &data).unwrap();
+    let no_swap = std::fs::read_to_string("/proc/swaps").unwrap().lines().count() <= 1;
+    let (_, c) = conn(&t);
+    for round in 0..2 {
+        let (inline, got) = read_inline(&c, 8192, 4096 + round * 100);
+        assert_eq!(got, &data[4096 + round as usize * 100..][..8192]);
+        // The first read finds out RWF_NOWAIT is unsupported; both take the same path.
+        assert_eq!(inline, no_swap, "round {round}: swap active: {}", !no_swap);
+    }
+    // Shrunk under the server: the inline read comes up short, the queued one reports it.
+    OpenOptions::new().write(true).open(&t.0).unwrap().set_len(16384).unwrap();
+    let e = c.read(8192, 12288).unwrap_err();
+    assert!(e.message.unwrap().contains("end of file"));
+}
+
 #[test]
 fn a_partly_cached_read_is_finished_by_the_pool() {
     let t = TempFile::new(0);
