@@ -40,11 +40,34 @@ fn exercise_file_backend_with(io: &str, params: &[&str]) {
         "write -f -P 0x33 0 64k",
         "-c",
         "read -P 0x33 0 64k",
+        // Zeroing and trimming (fallocate: through io_uring where it can).
+        "-c",
+        "write -z 2M 256k",
+        "-c",
+        "write -z -u -f 3M 128k",
+        "-c",
+        "discard 1M 64k",
+        "-c",
+        "read -P 0 2M 256k",
+        "-c",
+        "read -P 0 3M 128k",
+        "-c",
+        "read -P 0x5a 3080192 64k",
+        "-c",
+        "read -P 0x5a 3276800 64k",
         &uri,
     ]));
-    // The data is in the file itself.
+    // The data is in the file itself, with the zeroed ranges zero (and the trimmed one too:
+    // a punched hole reads as zeroes).
     let on_disk = fs::read(&img).expect("read image");
-    assert!(on_disk[1 << 20..4 << 20].iter().all(|&b| b == 0x5a), "qemu-io's write reached the file");
+    let zeroed = |a: usize, b: usize| on_disk[a..b].iter().all(|&x| x == 0);
+    assert!(zeroed(1 << 20, (1 << 20) + (64 << 10)), "the trimmed range is a hole");
+    assert!(
+        on_disk[(1 << 20) + (64 << 10)..2 << 20].iter().all(|&b| b == 0x5a),
+        "qemu-io's write reached the file"
+    );
+    assert!(zeroed(2 << 20, (2 << 20) + (256 << 10)) && zeroed(3 << 20, (3 << 20) + (128 << 10)));
+    assert!(on_disk[(3 << 20) + (128 << 10)..4 << 20].iter().all(|&b| b == 0x5a));
     let out = run_with_timeout(
         // fio leaves a verify state file in its working directory: keep it in the temp dir.
         tool("fio").current_dir(dir.path()).args([

@@ -135,6 +135,9 @@ impl Default for Options {
 
 /// An IO error for the wire: the errno mapped as nbdkit maps it, with the operation named. The
 /// file's path is left out on purpose: messages reach clients in structured error replies.
+/// fallocate mode for a trim: free the range, keep the file's size.
+const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+
 fn io_error(op: &str, e: &io::Error) -> NbdError {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         // The file shrank under us since the connection measured it.
@@ -242,6 +245,19 @@ impl FileLayer {
         Some((d, r))
     }
 
+    /// This loop's ring when a regular file's fallocate can go through it.
+    fn fallocate_ring(&self) -> Option<Rc<uring::Uring>> {
+        if self.shared.kind != Kind::Regular {
+            return None;
+        }
+        self.ring().filter(|r| r.can_fallocate())
+    }
+
+    /// What a ring completion needs to carry on (FUA, or falling back to the pool).
+    fn after_ring(&self) -> AfterRing {
+        AfterRing { sched: self.sched.clone(), shared: self.shared.clone() }
+    }
+
     /// Run `work` on the blocking pool; its result completes `done` back on this loop.
     fn offload<T: Send + 'static>(
         &self,
@@ -294,6 +310,39 @@ impl FileLayer {
             }
         }
         filled
+    }
+}
+
+/// The parts of a [`FileLayer`] a ring completion needs: to make a write durable (FUA) or to
+/// hand the rest of an operation to the pool.
+struct AfterRing {
+    sched: Sched,
+    shared: Arc<Shared>,
+}
+
+impl AfterRing {
+    fn offload<T: Send + 'static>(
+        &self,
+        done: Done<T>,
+        work: impl FnOnce(&Shared) -> Result<T, NbdError> + Send + 'static,
+    ) {
+        let shared = self.shared.clone();
+        self.sched.blocking(move || work(&shared), move |r| done.call(r));
+    }
+
+    /// Complete `done`, after an fdatasync if `fua`.
+    fn finish(self, fua: bool, done: Done<()>) {
+        if !fua {
+            return done.ok(());
+        }
+        match uring::for_loop(&self.sched) {
+            Some(ring) => ring.datasync(
+                self.shared.file.as_raw_fd(),
+                uring::keep(self.shared.clone()),
+                Box::new(move |r| done.call(r.map_err(|e| io_error("fdatasync", &e)))),
+            ),
+            None => self.offload(done, |sh| sh.flush()),
+        }
     }
 }
 
@@ -436,11 +485,67 @@ impl Layer for FileLayer {
 
     fn trim(&self, count: u64, offset: u64, flags: Flags, done: Done<()>) {
         let fua = flags.contains(Flags::FUA);
-        self.offload(done, move |sh| sh.trim(count, offset, fua))
+        let ring = self.fallocate_ring().filter(|_| self.shared.punch_hole.load(Ordering::Relaxed));
+        let Some(ring) = ring else {
+            return self.offload(done, move |sh| sh.trim(count, offset, fua));
+        };
+        let after = self.after_ring();
+        let fd = self.shared.file.as_raw_fd();
+        ring.fallocate(
+            fd,
+            uring::keep(self.shared.clone()),
+            PUNCH_HOLE,
+            offset,
+            count,
+            Box::new(move |r| {
+                if let Err(e) = r {
+                    if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EIO)) {
+                        return done.err(io_error("trim", &e));
+                    }
+                    // A trim is advice: one the file system cannot take is dropped.
+                    if sys::unsupported(&e) {
+                        after.shared.punch_hole.store(false, Ordering::Relaxed);
+                    }
+                    log::debug!("file: ignoring failed trim of {count} bytes at {offset}: {e}");
+                }
+                after.finish(fua, done)
+            }),
+        )
     }
 
     fn zero(&self, count: u64, offset: u64, flags: Flags, done: Done<()>) {
-        self.offload(done, move |sh| sh.zero(count, offset, flags))
+        // The common cases are one fallocate through io_uring: a hole where the client allows
+        // one, else ZERO_RANGE. Everything else (block devices, a file system that refuses
+        // both, writing zeroes) runs on the pool, which also finds out what works.
+        let sh = &self.shared;
+        let mode = if flags.contains(Flags::MAY_TRIM) && sh.punch_hole.load(Ordering::Relaxed) {
+            PUNCH_HOLE
+        } else if sh.zero_range.load(Ordering::Relaxed) {
+            libc::FALLOC_FL_ZERO_RANGE
+        } else {
+            return self.offload(done, move |sh| sh.zero(count, offset, flags));
+        };
+        let Some(ring) = self.fallocate_ring() else {
+            return self.offload(done, move |sh| sh.zero(count, offset, flags));
+        };
+        let after = self.after_ring();
+        ring.fallocate(
+            sh.file.as_raw_fd(),
+            uring::keep(sh.clone()),
+            mode,
+            offset,
+            count,
+            Box::new(move |r| match r {
+                Ok(()) => after.finish(flags.contains(Flags::FUA), done),
+                Err(e) if sys::unsupported(&e) => {
+                    let sh = &after.shared;
+                    let flag = if mode == PUNCH_HOLE { &sh.punch_hole } else { &sh.zero_range };
+                    flag.store(false, Ordering::Relaxed);
+                    after.offload(done, move |sh| sh.zero(count, offset, flags))
+                }
+                Err(e) => done.err(io_error("zero", &e)),
+            }),
+        )
     }
 
     fn extents(&self, count: u64, offset: u64, flags: Flags, done: Done<Extents>) {

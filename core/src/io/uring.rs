@@ -113,6 +113,7 @@ enum Kind {
     Read { offset: u64, filled: usize, into: ReadInto },
     Write { offset: u64, written: usize, from: WriteFrom, done: UnitDone },
     Fsync { done: UnitDone },
+    Fallocate { mode: i32, offset: u64, len: u64, done: UnitDone },
 }
 
 /// An operation the kernel may be using: its buffer must not move or be freed until its
@@ -140,6 +141,8 @@ pub struct Uring {
     sched: Sched,
     submit_pending: Cell<bool>,
     watch: Cell<Option<WatchId>>,
+    /// The kernel's io_uring has IORING_OP_FALLOCATE (5.6 and later).
+    can_fallocate: bool,
 }
 
 impl Uring {
@@ -154,6 +157,7 @@ impl Uring {
                 return Err(io::Error::other(format!("the kernel's io_uring lacks {name}")));
             }
         }
+        let can_fallocate = probe.is_supported(opcode::Fallocate::CODE);
         let fd = ring.as_raw_fd();
         let u = Rc::new(Uring {
             ring: RefCell::new(ring),
@@ -161,6 +165,7 @@ impl Uring {
             sched: sched.clone(),
             submit_pending: Cell::new(false),
             watch: Cell::new(None),
+            can_fallocate,
         });
         // The watch holds the ring weakly: the loop's watch table must not keep it alive.
         let weak: Weak<Uring> = Rc::downgrade(&u);
@@ -264,6 +269,28 @@ impl Uring {
         self.start(Op { fd, _keep: keep, kind: Kind::Fsync { done } });
     }
 
+    /// Whether this kernel's io_uring has IORING_OP_FALLOCATE (5.6 and later).
+    pub fn can_fallocate(&self) -> bool {
+        self.can_fallocate
+    }
+
+    /// `fallocate(fd, mode, offset, len)`: punch a hole, zero a range. Fails with EOPNOTSUPP
+    /// where [`Uring::can_fallocate`] is false.
+    pub fn fallocate(
+        self: &Rc<Self>,
+        fd: RawFd,
+        keep: Box<dyn Any>,
+        mode: i32,
+        offset: u64,
+        len: u64,
+        done: UnitDone,
+    ) {
+        if !self.can_fallocate {
+            return done(Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)));
+        }
+        self.start(Op { fd, _keep: keep, kind: Kind::Fallocate { mode, offset, len, done } });
+    }
+
     fn start(self: &Rc<Self>, op: Op) {
         let key = self.ops.borrow_mut().insert(op);
         self.push(key);
@@ -291,6 +318,9 @@ impl Uring {
                     opcode::Write::new(fd, rest.as_ptr(), len).offset(*offset + *written as u64).build()
                 }
                 Kind::Fsync { .. } => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+                Kind::Fallocate { mode, offset, len, .. } => {
+                    opcode::Fallocate::new(fd, *len).offset(*offset).mode(*mode).build()
+                }
             }
             .user_data(key as u64)
         };
@@ -338,7 +368,7 @@ impl Uring {
             match op.kind {
                 Kind::Read { into: ReadInto::Buffered(buf, done), .. } => done(r, buf),
                 Kind::Read { into: ReadInto::Direct(buf, done), .. } => done(r, buf),
-                Kind::Write { done, .. } | Kind::Fsync { done } => done(r),
+                Kind::Write { done, .. } | Kind::Fsync { done } | Kind::Fallocate { done, .. } => done(r),
             }
         }
     }
@@ -396,7 +426,7 @@ impl Uring {
                         Ok(*written < len)
                     }
                 }
-                Kind::Fsync { .. } => Ok(false),
+                Kind::Fsync { .. } | Kind::Fallocate { .. } => Ok(false),
             }
         };
         match more {
