@@ -229,6 +229,33 @@ fn cache_none_uses_o_direct_through_the_thread_pool() {
     exercise_cache_none("pool");
 }
 
+/// Large cached reads go to the socket with sendfile (`sendfile=true`, the default): the same
+/// bytes as with the copy (`sendfile=false`), for whole-disk copies with big requests and for
+/// reads at odd offsets and lengths, through either IO path.
+#[test]
+fn cached_reads_sent_with_sendfile_are_the_file() {
+    let dir = TempDir::new("sendfile");
+    let img = dir.join("disk.img");
+    let data = write_random_file(&img, 16 << 20, 11);
+    for (io, sendfile) in [("uring", "true"), ("pool", "true"), ("uring", "false")] {
+        let srv = Server::unix(&[
+            &format!("--io={io}"),
+            "file",
+            img.to_str().expect("utf-8 path"),
+            &format!("sendfile={sendfile}"),
+        ]);
+        let out = dir.join(&format!("copy-{io}-{sendfile}.img"));
+        run_ok(tool("nbdcopy").args(["--request-size=4194304", &srv.uri()]).arg(&out));
+        assert_same_bytes(
+            &format!("nbdcopy, io={io} sendfile={sendfile}"),
+            &data,
+            &fs::read(&out).expect("copy"),
+        );
+        // Unaligned reads of 64 KiB and more, with and without structured replies.
+        run_ok(python_script("sendfile_reads.py").arg(srv.uri()).arg(&img));
+    }
+}
+
 #[test]
 fn bad_io_mode_is_refused() {
     let out = run_with_timeout(

@@ -517,7 +517,7 @@ mod tests {
         d.write(&[7; 100], P - 50).unwrap();
         // [P-60, 2P+60): the tail of page 0, all of page 1, then the head of page 2, a hole.
         let pieces = d.read_lent(120 + P as usize, P - 60);
-        let flat = ReadData::Lent(pieces.clone()).into_vec();
+        let flat = ReadData::Lent(pieces.clone()).into_vec().unwrap();
         let mut want = vec![0u8; 120 + P as usize];
         want[10..110].fill(7);
         assert_eq!(flat, want);
@@ -526,7 +526,7 @@ mod tests {
         );
         // A write while the pages are lent changes the disk, not the lent bytes.
         d.write(&[9; 20], P - 55).unwrap();
-        assert_eq!(ReadData::Lent(pieces).into_vec(), want);
+        assert_eq!(ReadData::Lent(pieces).into_vec().unwrap(), want);
         let mut now = vec![0u8; 60];
         d.read(&mut now, P - 60);
         assert_eq!(&now[..5], &[0; 5]);
@@ -535,7 +535,7 @@ mod tests {
         // Zeroing a lent page frees it from the disk; the reply keeps its copy.
         let lent = d.read_lent(10, P);
         d.zero(P, P);
-        assert_eq!(ReadData::Lent(lent).into_vec(), vec![7; 10]);
+        assert_eq!(ReadData::Lent(lent).into_vec().unwrap(), vec![7; 10]);
         assert!(matches!(d.read_lent(10, P).as_slice(), [Lent::Zero(10)]));
     }
 

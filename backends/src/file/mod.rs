@@ -38,7 +38,8 @@ use blocksmith_core::config::Params;
 use blocksmith_core::io::aligned::AlignedBuf;
 use blocksmith_core::io::uring;
 use blocksmith_core::layer::{
-    BackendFactory, BackendSpec, Done, ExportInfo, Extents, Flags, Layer, OpenCx, ParamSpec, Support,
+    BackendFactory, BackendSpec, Done, ExportInfo, Extents, Flags, Layer, Lent, OpenCx, ParamSpec, ReadData,
+    Support,
 };
 use blocksmith_core::sched::Sched;
 use blocksmith_core::{ConfigError, NbdError};
@@ -79,6 +80,12 @@ pub const SPEC: BackendSpec = BackendSpec {
                    never waits for the disk; only what is not cached goes to io_uring or the IO\n\
                    threads. false queues every read. blocksmith's own parameter.",
         },
+        ParamSpec {
+            name: "sendfile",
+            help: "true (default) or false. With cache=default, a client's read of 64 KiB or more\n\
+                   that cachestat(2) finds in the page cache goes to a plaintext socket with\n\
+                   sendfile, without a copy through the server (blocksmith's own).",
+        },
     ],
     make,
 };
@@ -117,6 +124,8 @@ struct Options {
     fadvise: libc::c_int,
     /// cache=default: try reads with RWF_NOWAIT on the loop first.
     nowait_reads: bool,
+    /// cache=default: send large cached reads with sendfile.
+    sendfile: bool,
     /// cache=none: use O_DIRECT where the file system allows (off only in tests, to exercise
     /// the advisory fallback on file systems that do allow it).
     direct: bool,
@@ -128,6 +137,7 @@ impl Default for Options {
             cache: CacheMode::Default,
             fadvise: libc::POSIX_FADV_NORMAL,
             nowait_reads: true,
+            sendfile: true,
             direct: true,
         }
     }
@@ -135,6 +145,10 @@ impl Default for Options {
 
 /// An IO error for the wire: the errno mapped as nbdkit maps it, with the operation named. The
 /// file's path is left out on purpose: messages reach clients in structured error replies.
+/// Reads at least this large, when cached, go to the socket with `sendfile` (zero-copy). Below
+/// it the copy costs less than the extra system call (measured: see tuning.md).
+const LEND_FILE_MIN: usize = 64 * 1024;
+
 /// fallocate mode for a trim: free the range, keep the file's size.
 const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 
@@ -210,8 +224,9 @@ fn make(params: &mut Params) -> Result<Arc<dyn BackendFactory>, ConfigError> {
         }
     };
     let nowait_reads = params.take_bool("nowait-reads")?.unwrap_or(true);
+    let sendfile = params.take_bool("sendfile")?.unwrap_or(true);
     params.finish(NAME)?;
-    let opts = Options { cache, fadvise, nowait_reads, ..Options::default() };
+    let opts = Options { cache, fadvise, nowait_reads, sendfile, ..Options::default() };
     Ok(Arc::new(FileFactory::open_path(&path, &opts)?))
 }
 
@@ -410,6 +425,30 @@ impl Layer for FileLayer {
             );
         }
         self.offload(done, move |sh| sh.read_from(buf, offset, filled))
+    }
+
+    /// A client's READ of a large, cached range is lent as the file range itself, so the reply
+    /// goes to the socket with `sendfile`, never through a buffer of ours.
+    fn pread_lent(&self, count: usize, offset: u64, flags: Flags, done: Done<ReadData>) {
+        if count >= LEND_FILE_MIN
+            && self.shared.cache == CacheMode::Default
+            && self.shared.lend.load(Ordering::Relaxed)
+        {
+            match sys::all_cached(&self.shared.file, offset, count as u64) {
+                Some(true) => {
+                    let file = self.shared.file.clone();
+                    return done.ok(ReadData::Lent(vec![Lent::File { file, offset, len: count }]));
+                }
+                Some(false) => {}
+                None => {
+                    if self.shared.lend.swap(false, Ordering::Relaxed) {
+                        log::debug!("file: no cachestat(2) here: reads are copied, never sent with sendfile");
+                    }
+                }
+            }
+        }
+        let buf = blocksmith_core::bufpool::take(count);
+        self.pread(buf, offset, flags, done.map(|r| r.map(ReadData::Buf)))
     }
 
     fn pwrite(&self, data: Vec<u8>, offset: u64, flags: Flags, done: Done<()>) {

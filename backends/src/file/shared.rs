@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use blocksmith_core::error::Errno;
 use blocksmith_core::layer::{Extents, Flags, EXTENT_HOLE, EXTENT_ZERO};
@@ -17,7 +17,8 @@ use super::{io_error, sys, CacheMode, Kind, Options, EVICT_WINDOWS, MAX_SEEK_STE
 
 /// The open file, shared by every connection and every pool thread.
 pub(super) struct Shared {
-    pub file: File,
+    /// Shared with READ replies that send a cached range with `sendfile` (`Lent::File`).
+    pub file: Arc<File>,
     pub writable: bool,
     pub kind: Kind,
     pub rotational: bool,
@@ -43,6 +44,9 @@ pub(super) struct Shared {
     pub inline_reads: AtomicBool,
     /// The file's pages cannot be waiting on a disk (`sys::memory_resident`).
     pub resident: bool,
+    /// cache=default: large cached reads are lent as file ranges and sent with `sendfile`.
+    /// Cleared if the kernel has no cachestat(2) to say what is cached.
+    pub lend: AtomicBool,
 }
 
 impl Shared {
@@ -119,7 +123,7 @@ impl Shared {
         };
         let resident = super::sys::memory_resident(&file);
         Ok(Shared {
-            file,
+            file: Arc::new(file),
             writable,
             kind,
             rotational,
@@ -135,6 +139,7 @@ impl Shared {
             nowait: AtomicBool::new(opts.cache == CacheMode::Default && opts.nowait_reads),
             inline_reads: AtomicBool::new(false),
             resident,
+            lend: AtomicBool::new(opts.cache == CacheMode::Default && opts.sendfile),
         })
     }
 

@@ -120,3 +120,52 @@ pub fn memory_resident(f: &File) -> bool {
         _ => false,
     }
 }
+
+/// Whether every page of `[offset, offset + len)` is in the page cache (`cachestat(2)`, Linux
+/// 6.5 and later): then sending it cannot wait for a disk. `None` where the kernel cannot tell.
+pub fn all_cached(f: &File, offset: u64, len: u64) -> Option<bool> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    // cachestat's number in the generic syscall table, which x86_64 and aarch64 share.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    return None;
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    {
+        if len == 0 {
+            return Some(true);
+        }
+        let range = Range { off: offset, len };
+        let mut st = Stat::default();
+        // SAFETY: cachestat reads `range` and writes `st`, both live and of the kernel's layout
+        // (struct cachestat_range, struct cachestat); flags must be 0. `f` keeps the fd open.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                f.as_raw_fd(),
+                &range as *const Range,
+                &mut st as *mut Stat,
+                0 as libc::c_uint,
+            )
+        };
+        if r != 0 {
+            return None;
+        }
+        const PAGE: u64 = 4096;
+        let pages = (offset + len).div_ceil(PAGE) - offset / PAGE;
+        Some(st.nr_cache >= pages)
+    }
+}

@@ -517,6 +517,15 @@ impl Conn {
         self.out.fill(iov)
     }
 
+    /// When the next bytes to send are a lent file range (see `layer::Lent::File`): send them
+    /// with `sendfile` (`fill_iovecs` stops before them) and report with `handle_written`.
+    pub fn output_file(&self) -> Option<(&std::fs::File, u64, usize)> {
+        if self.violation.is_some() {
+            return None;
+        }
+        self.out.front_file()
+    }
+
     /// `n` bytes of what [`Conn::fill_iovecs`] offered were written. Budget held by fully
     /// written replies is released here. If the output queue drops back under its cap, buffered
     /// requests are decoded again (drain [`Conn::poll_event`] afterwards).

@@ -21,6 +21,9 @@ enum Buf {
     Lent(Arc<[u8]>),
     /// Zeroes, from [`ZEROS`].
     Zeros,
+    /// A file range from `base` (the segment's start and end are relative to it), sent with
+    /// `sendfile` by the driver; never part of an iovec.
+    File(Arc<std::fs::File>, u64),
 }
 
 /// Zero bytes for unallocated ranges read without structured replies.
@@ -45,6 +48,8 @@ impl Segment {
             Buf::Shared(a) => &a[self.start..self.end],
             Buf::Lent(a) => &a[self.start..self.end],
             Buf::Zeros => &ZEROS[self.start..self.end],
+            // `fill` stops before a file segment; nothing else asks for its bytes.
+            Buf::File(..) => &[],
         }
     }
 }
@@ -58,7 +63,7 @@ fn recycle(buf: Buf) {
                 crate::bufpool::give(v)
             }
         }
-        Buf::Lent(_) | Buf::Zeros => {}
+        Buf::Lent(_) | Buf::Zeros | Buf::File(..) => {}
     }
 }
 
@@ -132,6 +137,14 @@ impl OutQueue {
                     appendable: false,
                 });
             }
+            Lent::File { file, offset, len } => {
+                if len == 0 {
+                    return;
+                }
+                self.bytes += len;
+                let buf = Buf::File(file, offset);
+                self.segs.push_back(Segment { buf, start: 0, end: len, release: 0, appendable: false });
+            }
             Lent::Zero(mut n) => {
                 while n > 0 {
                     let take = n.min(ZEROS.len());
@@ -160,10 +173,11 @@ impl OutQueue {
         }
     }
 
+    /// Iovecs for the queued bytes up to the first file segment (which goes by `sendfile`).
     pub(super) fn fill<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
         let mut i = 0;
         for s in &self.segs {
-            if i == iov.len() {
+            if i == iov.len() || matches!(s.buf, Buf::File(..)) {
                 break;
             }
             if s.start < s.end {
@@ -172,6 +186,16 @@ impl OutQueue {
             }
         }
         i
+    }
+
+    /// The file range at the front of the queue, if the next bytes to send are one: the file,
+    /// the offset in it, and how many bytes.
+    pub(super) fn front_file(&self) -> Option<(&std::fs::File, u64, usize)> {
+        let s = self.segs.iter().find(|s| s.start < s.end)?;
+        match &s.buf {
+            Buf::File(f, base) => Some((f, base + s.start as u64, s.end - s.start)),
+            _ => None,
+        }
     }
 
     /// `n` bytes were written: drop finished segments and release their budget.

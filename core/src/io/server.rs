@@ -35,7 +35,7 @@ use crate::budget::Budget;
 use crate::conn::{Conn, ConnConfig, Event, Op, Outcome, Request, RequestId};
 use crate::control::ServerControl;
 use crate::error::NbdError;
-use crate::layer::{Disconnect, Done, Layer, OpenCx, Peer, PeerCred, ReadData, Stack};
+use crate::layer::{Disconnect, Done, Layer, Lent, OpenCx, Peer, PeerCred, ReadData, Stack};
 use crate::sched::Sched;
 use crate::tls::{ServerTls, TlsSession};
 
@@ -659,6 +659,18 @@ impl Loop {
                     Completion::Request { key, gen, id, result } => {
                         if let Some(s) = self.conns.get_mut(key) {
                             if s.gen == gen {
+                                let result = match result {
+                                    // A TLS session must see the bytes: read lent file ranges
+                                    // (cached, so quick) into a buffer.
+                                    Ok(Outcome::Lent(p))
+                                        if s.tls.is_some() && p.iter().any(Lent::is_file) =>
+                                    {
+                                        ReadData::Lent(p).into_vec().map(Outcome::Data).map_err(|e| {
+                                            NbdError::io(format!("reading a lent file range: {e}"))
+                                        })
+                                    }
+                                    other => other,
+                                };
                                 s.conn.handle_result(id, result);
                                 self.enqueue(key);
                             }
@@ -962,6 +974,26 @@ impl Slot {
     fn write_plain(&mut self) -> Result<bool, Closed> {
         let mut wrote = false;
         while self.writable && self.conn.has_output() {
+            if let Some((file, offset, len)) = self.conn.output_file() {
+                match self.io.sendfile(file, offset, len) {
+                    Ok(0) => {
+                        // The file shrank under a reply whose length is already on the wire.
+                        log::warn!("connection {}: sendfile: the file ended early; disconnecting", self.id);
+                        return Err(Closed);
+                    }
+                    Ok(n) => {
+                        wrote = true;
+                        self.conn.handle_written(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        log::debug!("connection {}: sendfile: {e}", self.id);
+                        return Err(Closed);
+                    }
+                }
+                continue;
+            }
             let mut iov = [IoSlice::new(&[]); 64];
             let n = self.conn.fill_iovecs(&mut iov);
             if n == 0 {

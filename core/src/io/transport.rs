@@ -75,6 +75,25 @@ impl Transport {
         }
     }
 
+    /// Send `len` bytes of `file` from `offset` straight from the page cache (no copy through
+    /// user space).
+    pub fn sendfile(&mut self, file: &File, offset: u64, len: usize) -> io::Result<usize> {
+        let out = match self {
+            Transport::Tcp(s) => s.as_raw_fd(),
+            Transport::Unix(s) => s.as_raw_fd(),
+            Transport::Stdio { output, .. } => output.as_raw_fd(),
+        };
+        let mut off =
+            libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: both descriptors are open for the call (`self` and `file` are borrowed), and
+        // `off` is a valid off_t the kernel updates in place.
+        let n = unsafe { libc::sendfile(out, file.as_raw_fd(), &mut off, len) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
     pub fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Transport::Tcp(s) => s.write_vectored(bufs),

@@ -7,6 +7,8 @@
 //! writer that finds a page shared copies it first (copy on write), so a reply always carries
 //! the data as it was when the read completed.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 /// One piece of lent read data. A read's pieces are in order and add up to its length.
@@ -16,6 +18,11 @@ pub enum Lent {
     Bytes { page: Arc<[u8]>, start: usize, end: usize },
     /// `len` zero bytes in a range the layer knows is unallocated: a hole.
     Zero(usize),
+    /// `len` bytes of `file` from `offset`, which the layer found in the page cache: sent with
+    /// `sendfile`, so they never pass through user space. (Over TLS they are read into a buffer
+    /// instead, quickly, being cached.) Lent only for plaintext connections' benefit and only
+    /// when cached, since sending them must not wait for a disk.
+    File { file: Arc<File>, offset: u64, len: usize },
 }
 
 impl Lent {
@@ -23,11 +30,17 @@ impl Lent {
         match self {
             Lent::Bytes { start, end, .. } => end - start,
             Lent::Zero(n) => *n,
+            Lent::File { len, .. } => *len,
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// A file range, which only a plaintext socket can take as it is.
+    pub fn is_file(&self) -> bool {
+        matches!(self, Lent::File { .. })
     }
 }
 
@@ -50,24 +63,25 @@ impl ReadData {
         self.len() == 0
     }
 
-    /// The data as one contiguous buffer (copying lent pieces into a pooled buffer).
-    pub fn into_vec(self) -> Vec<u8> {
+    /// The data as one contiguous buffer (copying lent pieces into a pooled buffer). A file
+    /// piece that cannot be read whole (the file shrank) is an error.
+    pub fn into_vec(self) -> std::io::Result<Vec<u8>> {
         match self {
-            ReadData::Buf(v) => v,
+            ReadData::Buf(v) => Ok(v),
             ReadData::Lent(pieces) => {
                 let mut v = crate::bufpool::take(pieces.iter().map(Lent::len).sum());
                 let mut at = 0;
                 for p in &pieces {
                     let n = p.len();
+                    let dst = &mut v[at..at + n];
                     match p {
-                        Lent::Bytes { page, start, end } => {
-                            v[at..at + n].copy_from_slice(&page[*start..*end])
-                        }
-                        Lent::Zero(_) => v[at..at + n].fill(0),
+                        Lent::Bytes { page, start, end } => dst.copy_from_slice(&page[*start..*end]),
+                        Lent::Zero(_) => dst.fill(0),
+                        Lent::File { file, offset, .. } => file.read_exact_at(dst, *offset)?,
                     }
                     at += n;
                 }
-                v
+                Ok(v)
             }
         }
     }
@@ -86,6 +100,6 @@ mod tests {
             Lent::Bytes { page, start: 0, end: 2 },
         ]);
         assert_eq!(d.len(), 7);
-        assert_eq!(d.into_vec(), b"gh\0\0\0ab");
+        assert_eq!(d.into_vec().unwrap(), b"gh\0\0\0ab");
     }
 }

@@ -47,6 +47,8 @@ pub struct H {
     pub auto_open: bool,
     pub auto_requests: bool,
     pub held: Vec<Request>,
+    /// Lent file ranges sent (in parts) by `drain_output`.
+    pub file_sends: usize,
     pub opened: Vec<(String, bool)>,
     pub list_requests: usize,
     /// Every request the driver saw: (op name, offset, flags, count).
@@ -101,6 +103,7 @@ impl H {
             auto_open: true,
             auto_requests: true,
             held: Vec::new(),
+            file_sends: 0,
             opened: Vec::new(),
             list_requests: 0,
             seen: Vec::new(),
@@ -279,6 +282,17 @@ impl H {
     pub fn drain_output(&mut self) {
         while self.conn.has_output() {
             let mut v = Vec::new();
+            // A lent file range: the driver sends it with sendfile; here it is read, in two
+            // steps to exercise partial sends.
+            if let Some((file, offset, len)) = self.conn.output_file() {
+                use std::os::unix::fs::FileExt;
+                let mut b = vec![0u8; len.div_ceil(2)];
+                file.read_exact_at(&mut b, offset).expect("read lent file range");
+                self.conn.handle_written(b.len());
+                self.rx.extend_from_slice(&b);
+                self.file_sends += 1;
+                continue;
+            }
             {
                 let mut iov = [IoSlice::new(&[]); 64];
                 let n = self.conn.fill_iovecs(&mut iov);

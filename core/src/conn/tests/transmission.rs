@@ -696,3 +696,40 @@ fn lent_data_of_the_wrong_length_becomes_eio() {
     h.conn.handle_result(r.id, Ok(Outcome::Lent(vec![Lent::Zero(511)])));
     assert_eq!(h.read_reply(1, 0, 512).unwrap_err().0, EIO);
 }
+
+#[test]
+fn lent_file_ranges_go_out_between_the_other_bytes() {
+    let dir = std::env::temp_dir().join(format!("bs-lent-file-{}", std::process::id()));
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 249) as u8).collect();
+    std::fs::write(&dir, &data).unwrap();
+    let file = std::sync::Arc::new(std::fs::File::open(&dir).unwrap());
+    let _ = std::fs::remove_file(&dir);
+    let page: std::sync::Arc<[u8]> = vec![7u8; 4096].into();
+    let pieces = vec![
+        Lent::File { file: file.clone(), offset: 1000, len: 70_000 },
+        Lent::Zero(4096),
+        Lent::Bytes { page, start: 0, end: 4096 },
+    ];
+    let mut want = data[1000..71_000].to_vec();
+    want.extend_from_slice(&[0; 4096]);
+    want.extend_from_slice(&[7; 4096]);
+
+    // Simple reply: header, the file range (sent apart from the iovecs), zeroes, the page.
+    let mut h = H::simple();
+    h.auto_requests = false;
+    h.req(CMD_READ, 0, 1, 0, want.len() as u64);
+    let r = h.held.remove(0);
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(pieces.clone())));
+    assert_eq!(h.simple_reply(), (0, 1));
+    assert_eq!(h.take(want.len()), want);
+    assert!(h.file_sends >= 2, "the file range went out by itself, in parts");
+    h.assert_silent();
+
+    // Structured: the file range is data, in one chunk with the page after the hole.
+    let mut h = H::structured();
+    h.auto_requests = false;
+    h.req(CMD_READ, 0, 2, 0, want.len() as u64);
+    let r = h.held.remove(0);
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(pieces)));
+    assert_eq!(h.read_reply(2, 0, want.len()).unwrap(), want);
+}
