@@ -280,7 +280,7 @@ mod tests {
         assert_eq!(b, vec![0; 100]);
         // Client reads (lent or not below) get the same bytes, the tail as a hole.
         let d = wait(&sim, |d| top.pread_lent(100, 950, Flags::NONE, d)).unwrap();
-        assert_eq!(d.into_vec()[..], [&ram.data.borrow()[950..1000], &[0u8; 50][..]].concat());
+        assert_eq!(d.into_vec().unwrap()[..], [&ram.data.borrow()[950..1000], &[0u8; 50][..]].concat());
         let d = wait(&sim, |d| top.pread_lent(100, 2000, Flags::NONE, d)).unwrap();
         assert!(matches!(d, ReadData::Lent(ref p) if matches!(p.as_slice(), [Lent::Zero(100)])));
 
