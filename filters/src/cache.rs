@@ -890,17 +890,7 @@ impl CacheConn {
 
     /// Cache request: fill the cache with the blocks of `[b, last]` not yet in it.
     fn cache_from(c: Rc<Self>, next: Next, b: u64, last: u64, step: usize, done: Done<()>) {
-        let run = {
-            let map = lock(&c.sh.map);
-            let max = (CHUNK / c.geo.bs).max(1);
-            (b..=last).find(|x| map.states.get(*x) == NOT_CACHED).map(|first| {
-                let mut end = first;
-                while end < last && end - first + 1 < max && map.states.get(end + 1) == NOT_CACHED {
-                    end += 1;
-                }
-                (first, end)
-            })
-        };
+        let run = lock(&c.sh.map).states.run_in(NOT_CACHED, b, last, (CHUNK / c.geo.bs).max(1));
         let Some((fb, lb)) = run else { return done.ok(()) };
         let start = c.geo.start(fb);
         let len = (c.geo.end(lb) - start) as usize;

@@ -480,17 +480,7 @@ impl CowConn {
     /// `cow-on-cache`: copy every block of `[b, last]` still below into the overlay, a bounded
     /// run at a time.
     fn cache_from(c: Rc<Self>, next: Next, b: u64, last: u64, step: usize, done: Done<()>) {
-        let run = {
-            let map = lock(&c.sh.map);
-            let max = (CACHE_CHUNK / c.geo.bs).max(1);
-            (b..=last).find(|x| map.states.get(*x) == BELOW).map(|first| {
-                let mut end = first;
-                while end < last && end - first + 1 < max && map.states.get(end + 1) == BELOW {
-                    end += 1;
-                }
-                (first, end)
-            })
-        };
+        let run = lock(&c.sh.map).states.run_in(BELOW, b, last, (CACHE_CHUNK / c.geo.bs).max(1));
         let Some((fb, lb)) = run else { return done.ok(()) };
         let start = c.geo.start(fb);
         let len = (c.geo.end(lb) - start) as usize;

@@ -191,6 +191,17 @@ impl States {
             *byte = (*byte & !(3 << shift)) | ((v & 3) << shift);
         }
     }
+    /// The first run of blocks in `state` within `[from, to]`, at most `max` blocks long, as
+    /// (first, last).
+    pub(crate) fn run_in(&self, state: u8, from: u64, to: u64, max: u64) -> Option<(u64, u64)> {
+        let first = (from..=to).find(|b| self.get(*b) == state)?;
+        let mut last = first;
+        while last < to && last - first + 1 < max && self.get(last + 1) == state {
+            last += 1;
+        }
+        Some((first, last))
+    }
+
     /// Blocks in `[from, to]` whose state is not 0, as (first, last, state) runs — found a byte
     /// at a time, so scanning a large, mostly empty map is quick.
     pub(crate) fn nonzero_runs(&self, from: u64, to: u64, mut f: impl FnMut(u64, u64, u8) -> bool) {
@@ -505,6 +516,21 @@ mod tests {
         assert!(e.message.unwrap().contains("memory budget"));
         drop(m);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn runs_of_one_state_are_bounded() {
+        let mut s = States::new(20);
+        for b in [3, 4, 5, 6, 9] {
+            s.set(b, 2);
+        }
+        assert_eq!(s.run_in(2, 0, 19, 16), Some((3, 6)));
+        assert_eq!(s.run_in(2, 0, 19, 2), Some((3, 4)));
+        assert_eq!(s.run_in(2, 5, 19, 16), Some((5, 6)));
+        assert_eq!(s.run_in(2, 3, 4, 16), Some((3, 4)), "stops at the range's end");
+        assert_eq!(s.run_in(2, 7, 19, 16), Some((9, 9)));
+        assert_eq!(s.run_in(2, 10, 19, 16), None);
+        assert_eq!(s.run_in(0, 3, 19, 3), Some((7, 8)));
     }
 
     #[test]
