@@ -33,8 +33,8 @@ use blocksmith_core::layer::{
 use blocksmith_core::sched::Sched;
 
 use crate::overlay::{
-    create_temp_file, lock, next_step, parse_block_size, read_at, write_at, Geometry, OnRead, RangeGuard,
-    RangeLocks, States,
+    copy_up, create_temp_file, lock, next_step, parse_block_size, read_at, write_at, CopyUp, Geometry,
+    OnRead, RangeGuard, RangeLocks, States,
 };
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -326,6 +326,21 @@ struct CacheConn {
     sched: Sched,
     geo: Geometry,
     below: ExportInfo,
+}
+
+impl CopyUp for CacheConn {
+    fn sched(&self) -> &Sched {
+        &self.sched
+    }
+    fn geometry(&self) -> Geometry {
+        self.geo
+    }
+    fn next_run(&self, from: u64, last: u64) -> Option<(u64, u64)> {
+        lock(&self.sh.map).states.run_in(NOT_CACHED, from, last, (CHUNK / self.geo.bs).max(1))
+    }
+    fn keep(self: &Rc<Self>, fb: u64, lb: u64, data: Vec<u8>, k: impl FnOnce() + 'static) {
+        self.store_clean(fb, lb, data, k)
+    }
 }
 
 struct CacheFilter(Rc<CacheConn>);
@@ -887,32 +902,6 @@ impl CacheConn {
             CacheConn::reclaim(c2, next2, dirty_done + 1, done)
         })
     }
-
-    /// Cache request: fill the cache with the blocks of `[b, last]` not yet in it.
-    fn cache_from(c: Rc<Self>, next: Next, b: u64, last: u64, step: usize, done: Done<()>) {
-        let run = lock(&c.sh.map).states.run_in(NOT_CACHED, b, last, (CHUNK / c.geo.bs).max(1));
-        let Some((fb, lb)) = run else { return done.ok(()) };
-        let start = c.geo.start(fb);
-        let len = (c.geo.end(lb) - start) as usize;
-        let (c2, next2) = (c.clone(), next.clone());
-        next.pread(
-            vec![0; len],
-            start,
-            Flags::NONE,
-            Done::new(move |r: Result<Vec<u8>, NbdError>| match r {
-                Ok(data) => {
-                    let c3 = c2.clone();
-                    c2.store_clean(fb, lb, data, move || {
-                        let sched = c3.sched.clone();
-                        next_step(&sched, step, move || {
-                            CacheConn::cache_from(c3, next2, lb + 1, last, step + 1, done)
-                        })
-                    })
-                }
-                Err(e) => done.err(e),
-            }),
-        )
-    }
 }
 
 fn contiguous(prev: &Seg, src: Src) -> bool {
@@ -1070,7 +1059,7 @@ impl Filter for CacheFilter {
 
     fn cache(&self, next: &Next, count: u64, offset: u64, _flags: Flags, done: Done<()>) {
         let (first, last) = self.0.geo.span(offset, count);
-        CacheConn::cache_from(self.0.clone(), next.clone(), first, last, 0, done)
+        copy_up(self.0.clone(), next.clone(), first, last, 0, done)
     }
 }
 

@@ -28,8 +28,8 @@ use blocksmith_core::layer::{
 use blocksmith_core::sched::Sched;
 
 use crate::overlay::{
-    create_temp_file, lock, next_step, parse_block_size, read_at, write_at, Geometry, OnRead, RangeGuard,
-    RangeLocks, States,
+    copy_up, create_temp_file, lock, next_step, parse_block_size, read_at, write_at, CopyUp, Geometry,
+    OnRead, RangeGuard, RangeLocks, States,
 };
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -134,6 +134,21 @@ struct CowConn {
     sh: Arc<Shared>,
     sched: Sched,
     geo: Geometry,
+}
+
+impl CopyUp for CowConn {
+    fn sched(&self) -> &Sched {
+        &self.sched
+    }
+    fn geometry(&self) -> Geometry {
+        self.geo
+    }
+    fn next_run(&self, from: u64, last: u64) -> Option<(u64, u64)> {
+        lock(&self.sh.map).states.run_in(BELOW, from, last, (CACHE_CHUNK / self.geo.bs).max(1))
+    }
+    fn keep(self: &Rc<Self>, fb: u64, lb: u64, data: Vec<u8>, k: impl FnOnce() + 'static) {
+        self.copy_into_overlay(fb, lb, data, k)
+    }
 }
 
 struct CowFilter(Rc<CowConn>);
@@ -476,33 +491,6 @@ impl CowConn {
         }
         done.ok(out)
     }
-
-    /// `cow-on-cache`: copy every block of `[b, last]` still below into the overlay, a bounded
-    /// run at a time.
-    fn cache_from(c: Rc<Self>, next: Next, b: u64, last: u64, step: usize, done: Done<()>) {
-        let run = lock(&c.sh.map).states.run_in(BELOW, b, last, (CACHE_CHUNK / c.geo.bs).max(1));
-        let Some((fb, lb)) = run else { return done.ok(()) };
-        let start = c.geo.start(fb);
-        let len = (c.geo.end(lb) - start) as usize;
-        let (c2, next2) = (c.clone(), next.clone());
-        next.pread(
-            vec![0; len],
-            start,
-            Flags::NONE,
-            Done::new(move |r: Result<Vec<u8>, NbdError>| match r {
-                Ok(data) => {
-                    let c3 = c2.clone();
-                    c2.copy_into_overlay(fb, lb, data, move || {
-                        let sched = c3.sched.clone();
-                        next_step(&sched, step, move || {
-                            CowConn::cache_from(c3, next2, lb + 1, last, step + 1, done)
-                        })
-                    })
-                }
-                Err(e) => done.err(e),
-            }),
-        )
-    }
 }
 
 impl Filter for CowFilter {
@@ -584,7 +572,7 @@ impl Filter for CowFilter {
             return next.cache(count, offset, flags, done);
         }
         let (first, last) = self.0.geo.span(offset, count);
-        CowConn::cache_from(self.0.clone(), next.clone(), first, last, 0, done)
+        copy_up(self.0.clone(), next.clone(), first, last, 0, done)
     }
 }
 

@@ -11,6 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, ThreadId};
@@ -18,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blocksmith_core::config::parse_bool;
 use blocksmith_core::error::{ConfigError, NbdError};
-use blocksmith_core::layer::Done;
+use blocksmith_core::layer::{Done, Flags, Next};
 use blocksmith_core::sched::Sched;
 
 /// Where temporary files go when `$TMPDIR` is not set: like nbdkit, a directory meant for large
@@ -486,6 +487,41 @@ pub(crate) fn write_at(
             Ok(()) => done.ok(data),
             Err(e) => done.err(NbdError::from_io(&e)),
         },
+    )
+}
+
+/// A filter that copies runs of blocks from the layer below into its own store: `cache` filling
+/// itself on NBD_CMD_CACHE, `cow` with `cow-on-cache`.
+pub(crate) trait CopyUp: Sized + 'static {
+    fn sched(&self) -> &Sched;
+    fn geometry(&self) -> Geometry;
+    /// The next run of blocks in `[from, last]` still to copy, a bounded chunk at most.
+    fn next_run(&self, from: u64, last: u64) -> Option<(u64, u64)>;
+    /// Keep blocks `[fb, lb]`, read from below as `data`, then call `k`.
+    fn keep(self: &Rc<Self>, fb: u64, lb: u64, data: Vec<u8>, k: impl FnOnce() + 'static);
+}
+
+/// Copy every run [`CopyUp::next_run`] finds in `[b, last]` up, one run at a time.
+pub(crate) fn copy_up<C: CopyUp>(c: Rc<C>, next: Next, b: u64, last: u64, step: usize, done: Done<()>) {
+    let Some((fb, lb)) = c.next_run(b, last) else { return done.ok(()) };
+    let geo = c.geometry();
+    let start = geo.start(fb);
+    let len = (geo.end(lb) - start) as usize;
+    let below = next.clone();
+    next.pread(
+        vec![0; len],
+        start,
+        Flags::NONE,
+        Done::new(move |r: Result<Vec<u8>, NbdError>| match r {
+            Ok(data) => {
+                let c2 = c.clone();
+                c.keep(fb, lb, data, move || {
+                    let sched = c2.sched().clone();
+                    next_step(&sched, step, move || copy_up(c2, below, lb + 1, last, step + 1, done))
+                })
+            }
+            Err(e) => done.err(e),
+        }),
     )
 }
 
