@@ -127,6 +127,26 @@ impl Mailbox {
         }
     }
 
+    /// On a wake-up: the grants handed over so far. The order of the three steps is what
+    /// keeps wake-ups from being lost: the socket is drained *before* `poked` is cleared, so a
+    /// byte written by a grant that raced with us is never swallowed while `poked` stays set
+    /// (which would make every later grant skip its byte, and the loop sleep through them).
+    /// A grant that slips in after the flag is cleared sends a fresh byte; one that lands
+    /// before that is in the slots taken last.
+    fn collect(&self, rx: &UnixStream) -> Vec<(u64, Arc<Gate>)> {
+        let mut sink = [0u8; 64];
+        loop {
+            match (&*rx).read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        self.poked.store(false, Ordering::SeqCst);
+        std::mem::take(&mut lock(&self.granted).slots)
+    }
+
     /// Stop taking grants, and pass on the ones that arrived too late to be used.
     fn close(&self) {
         let late = {
@@ -214,19 +234,7 @@ impl Hub {
 
     /// Run the continuations whose permits other loops (or this one) handed over.
     fn deliver(&self) {
-        // Clear the flag before draining, so a grant racing with us sends a fresh byte.
-        self.mailbox.poked.store(false, Ordering::SeqCst);
-        let mut sink = [0u8; 64];
-        loop {
-            match (&self.rx).read(&mut sink) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-        let granted = std::mem::take(&mut lock(&self.mailbox.granted).slots);
-        for (ticket, gate) in granted {
+        for (ticket, gate) in self.mailbox.collect(&self.rx) {
             let permit = Permit { gate: Some(gate) };
             let then = self.waiting.borrow_mut().remove(&ticket);
             match then {
@@ -284,5 +292,42 @@ impl Hub {
 impl Drop for Hub {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One thread hands grants to a mailbox as fast as it can while another collects them,
+    /// sleeping in poll(2) on the wake-up socket as a loop would: every grant must arrive, and
+    /// no grant may be left in the mailbox with nothing to wake the collector.
+    #[test]
+    fn grants_from_another_thread_always_wake_the_loop() {
+        const GRANTS: u64 = 200_000;
+        let (tx, rx) = UnixStream::pair().unwrap();
+        tx.set_nonblocking(true).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let mailbox =
+            Arc::new(Mailbox { granted: Mutex::new(Granted::default()), poked: AtomicBool::new(false), tx });
+        // Far more slots than grants, so handing one back never queues.
+        let gate = Gate::new(usize::MAX);
+        let granter = {
+            let (mailbox, gate) = (mailbox.clone(), gate.clone());
+            std::thread::spawn(move || {
+                for ticket in 0..GRANTS {
+                    mailbox.grant(ticket, gate.clone());
+                }
+            })
+        };
+        let mut got = 0;
+        while got < GRANTS {
+            let mut fds = [libc::pollfd { fd: rx.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            let ready = super::super::sys::poll(&mut fds, 5000).unwrap();
+            assert!(ready == 1, "lost wake-up: {got} of {GRANTS} grants arrived, then silence");
+            got += mailbox.collect(&rx).len() as u64;
+        }
+        granter.join().unwrap();
+        assert_eq!(got, GRANTS);
     }
 }
