@@ -36,7 +36,7 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::time::{Duration, Instant};
 
-use crate::budget::Budget;
+use crate::budget::{Budget, Place};
 use crate::error::NbdError;
 use crate::layer::registry::ExportDesc;
 use crate::layer::{ExportInfo, Extents, Flags};
@@ -215,6 +215,8 @@ pub struct Conn {
     shutting_down: bool,
     /// A READ/WRITE header is buffered but its budget reservation failed.
     budget_blocked: bool,
+    /// This connection's place in the budget's line while it waits (first come, first served).
+    budget_place: Option<Place>,
     /// The last `run` stopped at `REQUESTS_PER_TURN` with input left to decode.
     turn_limited: bool,
 }
@@ -424,6 +426,7 @@ impl Conn {
             closing: false,
             shutting_down: false,
             budget_blocked: false,
+            budget_place: None,
             turn_limited: false,
         };
         if c.phase == Phase::Oldstyle {
@@ -695,6 +698,7 @@ impl Conn {
         }
         log::warn!("dropping NBD client: {why}");
         self.violation = Some(Violation(why));
+        self.budget_place = None;
         self.out.clear(&self.budget);
         // Queued requests will never run; their budget comes back when the slots are dropped.
         self.events.clear();
@@ -718,6 +722,10 @@ impl Conn {
         self.budget_blocked = false;
         let mut decoded = 0usize;
         while !self.is_dead() && self.step(&mut decoded) {}
+        if !self.budget_blocked {
+            // Not waiting (any more): a place kept in line would hold up everyone behind it.
+            self.budget_place = None;
+        }
         self.inbuf.release_if_empty();
     }
 

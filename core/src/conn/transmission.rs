@@ -78,7 +78,7 @@ impl Conn {
                 }
             }
             Plan::Read { len, flags, df } => {
-                if !self.budget.try_reserve(len) {
+                if !self.budget.reserve_in_turn(len, &mut self.budget_place) {
                     self.budget_blocked = true;
                     return false;
                 }
@@ -89,7 +89,7 @@ impl Conn {
                 self.events.push_back(Event::Request(Request { id, op, offset: h.offset, flags }));
             }
             Plan::Write { len, flags } => {
-                if !self.budget.try_reserve(len) {
+                if !self.budget.reserve_in_turn(len, &mut self.budget_place) {
                     self.budget_blocked = true;
                     return false;
                 }

@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -47,9 +47,10 @@ const CONN_BASE: usize = 1 << 20;
 const READS_PER_PASS: usize = 8;
 /// How long accepting pauses after EMFILE/ENFILE before it is tried again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-/// How often a loop with budget-starved connections looks again (budget is server-wide, so it
-/// may be freed by another loop that cannot wake us).
-const BUDGET_RETRY: Duration = Duration::from_millis(5);
+/// How often a loop with budget-starved connections looks again even if nobody said their
+/// turn came. Waiters are woken when budget frees up for the head of the line (from any loop,
+/// through this loop's waker); this is only a safety net.
+const BUDGET_RETRY: Duration = Duration::from_millis(100);
 /// How long a finished connection waits for the client to close before we close anyway.
 const LINGER: Duration = Duration::from_secs(2);
 /// How long a shutting-down server waits for in-flight requests before closing anyway.
@@ -231,6 +232,9 @@ struct Loop {
     /// Connections that stopped reading without a reason we can see from here (budget).
     stalled: Vec<(usize, u64)>,
     stall_timer_armed: Rc<RefCell<bool>>,
+    /// Set (from any thread) when budget frees up for a connection of this loop that is at the
+    /// head of the budget's line.
+    budget_turn: Arc<AtomicBool>,
     shutting_down_since: Option<Instant>,
     /// The other loops, for balancing accepted connections (`None` for `-s`).
     peers: Option<Peers>,
@@ -270,6 +274,14 @@ impl Loop {
         peers: Option<Peers>,
     ) -> io::Result<Loop> {
         shutdown.add_waker(waker.clone());
+        let budget_turn = Arc::new(AtomicBool::new(false));
+        let budget = {
+            let (turn, waker) = (budget_turn.clone(), waker.clone());
+            budget.with_notify(Arc::new(move || {
+                turn.store(true, Ordering::SeqCst);
+                let _ = waker.wake();
+            }))
+        };
         let core = Rc::new(LoopCore::new(pool, waker, poll.registry().try_clone()?));
         let sched = Sched::new(core.clone());
         Ok(Loop {
@@ -291,6 +303,7 @@ impl Loop {
             accept_retry: Rc::new(RefCell::new(false)),
             stalled: Vec::new(),
             stall_timer_armed: Rc::new(RefCell::new(false)),
+            budget_turn,
             shutting_down_since: None,
             peers,
         })
@@ -508,7 +521,8 @@ impl Loop {
             }
         }
         self.drain_completions();
-        if !self.stalled.is_empty() && !*self.stall_timer_armed.borrow() {
+        let turn = self.budget_turn.swap(false, Ordering::SeqCst);
+        if !self.stalled.is_empty() && (turn || !*self.stall_timer_armed.borrow()) {
             let stalled = std::mem::take(&mut self.stalled);
             for (key, gen) in stalled {
                 if self.conns.get(key).is_some_and(|s| s.gen == gen) {
@@ -803,8 +817,8 @@ impl Loop {
                 self.sched.at(at, move || expired.borrow_mut().push((key, gen)));
             }
         }
-        // Budget is server-wide and may be freed by another loop, which cannot wake us: look
-        // again soon.
+        // Waiting in the budget's line: the notify set up in `with_poll` brings the connection
+        // back when its turn comes; the timer is a safety net.
         if s.conn.waiting_for_budget() {
             self.stalled.push((key, s.gen));
             if !*self.stall_timer_armed.borrow() {

@@ -234,6 +234,58 @@ fn budget_backpressure_stops_reading_and_resumes() {
     assert!(h.conn.wants_read());
 }
 
+/// Connections waiting for budget get it in the order they asked, and one that goes away
+/// while waiting does not hold up those behind it.
+#[test]
+fn budget_goes_to_waiting_connections_first_come_first_served() {
+    let budget = Budget::new(8192);
+    let open = |budget: &Budget| {
+        let mut h = H::with_budget(ConnConfig::default(), budget.clone());
+        h.start();
+        h.go("");
+        h.auto_requests = false;
+        h
+    };
+    let (mut holder, mut first, mut second, mut third) =
+        (open(&budget), open(&budget), open(&budget), open(&budget));
+    let mut two = h_reads(&holder, 2);
+    holder.send(&std::mem::take(&mut two));
+    assert_eq!((holder.held.len(), budget.used()), (2, 8192));
+    for h in [&mut first, &mut second, &mut third] {
+        let one = h_reads(h, 1);
+        h.send(&one);
+        assert!(h.conn.waiting_for_budget());
+    }
+    assert_eq!(budget.waiting(), 3);
+    // One of the holder's replies leaves: 4096 bytes free, enough for any of the three, but
+    // only the first in line may take them.
+    let r = holder.held.remove(0);
+    let (id, res) = (r.id, holder.execute(r));
+    holder.conn.handle_result(id, res);
+    let _ = holder.rx_len();
+    assert_eq!(budget.used(), 4096);
+    assert!(!third.conn.process(third.now) && third.conn.waiting_for_budget(), "third jumped the line");
+    assert!(!second.conn.process(second.now) && second.conn.waiting_for_budget(), "second jumped the line");
+    first.settle();
+    assert!(!first.conn.waiting_for_budget());
+    assert_eq!((first.held.len(), budget.used(), budget.waiting()), (1, 8192, 2));
+    // The second gives up (its client hangs up): the turn passes to the third.
+    drop(second);
+    assert_eq!(budget.waiting(), 1);
+    let r = holder.held.remove(0);
+    let (id, res) = (r.id, holder.execute(r));
+    holder.conn.handle_result(id, res);
+    let _ = holder.rx_len();
+    third.settle();
+    assert!(!third.conn.waiting_for_budget());
+    assert_eq!((third.held.len(), budget.used(), budget.waiting()), (1, 8192, 0));
+}
+
+/// `n` 4 KiB READ requests for `h`.
+fn h_reads(h: &H, n: u64) -> Vec<u8> {
+    (0..n).flat_map(|i| h.req_bytes(CMD_READ, 0, i, 0, 4096)).collect()
+}
+
 #[test]
 fn budget_is_released_only_when_the_reply_is_written() {
     let mut h = H::simple();
