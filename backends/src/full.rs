@@ -3,17 +3,13 @@
 //!
 //! Like nbdkit 1.32's, it has no flush, so FUA is not offered either.
 
-use std::rc::Rc;
 use std::sync::Arc;
 
 use blocksmith_core::config::Params;
-use blocksmith_core::error::Errno;
-use blocksmith_core::layer::{
-    BackendFactory, BackendSpec, Done, ExportInfo, Extents, Flags, Layer, OpenCx, ParamSpec, Support,
-    EXTENT_HOLE, EXTENT_ZERO,
-};
-use blocksmith_core::{ConfigError, NbdError};
+use blocksmith_core::layer::{BackendFactory, BackendSpec, ParamSpec};
+use blocksmith_core::ConfigError;
 
+use crate::constant::{Constant, Writes};
 use crate::util;
 
 const NAME: &str = "full";
@@ -29,75 +25,15 @@ pub const SPEC: BackendSpec = BackendSpec {
 fn make(params: &mut Params) -> Result<Arc<dyn BackendFactory>, ConfigError> {
     let size = util::require_size(params, NAME)?;
     params.finish(NAME)?;
-    Ok(Arc::new(FullFactory { size }))
-}
-
-struct FullFactory {
-    size: u64,
-}
-
-impl BackendFactory for FullFactory {
-    fn open(&self, _cx: &OpenCx, done: Done<Rc<dyn Layer>>) {
-        done.ok(Rc::new(Full { size: self.size }))
-    }
-}
-
-struct Full {
-    size: u64,
-}
-
-fn no_space() -> NbdError {
-    NbdError::msg(Errno::NoSpc, "full: the disk is full")
-}
-
-impl Layer for Full {
-    fn info(&self) -> ExportInfo {
-        ExportInfo {
-            // Writable, so clients try to write and get ENOSPC rather than EPERM.
-            can_write: true,
-            can_trim: true,
-            zero: Support::Native,
-            // As nbdkit's full plugin: FAST_ZERO is refused with ENOTSUP (by the shim) before
-            // the ENOSPC a plain zero gets.
-            can_fast_zero: false,
-            can_extents: true,
-            cache: Support::Native,
-            ..ExportInfo::read_only(self.size)
-        }
-    }
-
-    fn pread(&self, mut buf: Vec<u8>, _offset: u64, _flags: Flags, done: Done<Vec<u8>>) {
-        buf.fill(0);
-        done.ok(buf)
-    }
-
-    fn pwrite(&self, _data: Vec<u8>, _offset: u64, _flags: Flags, done: Done<()>) {
-        done.err(no_space())
-    }
-
-    fn trim(&self, _count: u64, _offset: u64, _flags: Flags, done: Done<()>) {
-        done.err(no_space())
-    }
-
-    fn zero(&self, _count: u64, _offset: u64, _flags: Flags, done: Done<()>) {
-        done.err(no_space())
-    }
-
-    fn extents(&self, count: u64, _offset: u64, _flags: Flags, done: Done<Extents>) {
-        let mut e = Extents::new();
-        e.push(count, EXTENT_HOLE | EXTENT_ZERO);
-        done.ok(e)
-    }
-
-    fn cache(&self, _count: u64, _offset: u64, _flags: Flags, done: Done<()>) {
-        done.ok(())
-    }
+    Ok(Arc::new(Constant { size, byte: 0, hole: true, writes: Writes::NoSpace(NAME) }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testutil::{make, make_err, open};
+    use blocksmith_core::error::Errno;
+    use blocksmith_core::layer::{Flags, Support, EXTENT_HOLE, EXTENT_ZERO};
 
     #[test]
     fn everything_but_reads_is_enospc() {

@@ -31,6 +31,7 @@ pub mod sparse_random;
 pub mod split;
 pub mod zero;
 
+mod constant;
 mod util;
 // Shared machinery of sh and eval; its `sys` submodule opts back in to `unsafe`.
 mod script;

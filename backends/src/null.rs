@@ -1,16 +1,13 @@
 //! `null`: a bit bucket (nbdkit-null-plugin). Reads return zeroes, writes are discarded, every
 //! operation succeeds, and block status reports one big hole.
 
-use std::rc::Rc;
 use std::sync::Arc;
 
 use blocksmith_core::config::Params;
-use blocksmith_core::layer::{
-    BackendFactory, BackendSpec, Done, ExportInfo, Extents, Flags, Layer, OpenCx, ParamSpec, Support,
-    EXTENT_HOLE, EXTENT_ZERO,
-};
+use blocksmith_core::layer::{BackendFactory, BackendSpec, ParamSpec};
 use blocksmith_core::ConfigError;
 
+use crate::constant::{Constant, Writes};
 use crate::util;
 
 const NAME: &str = "null";
@@ -26,75 +23,14 @@ pub const SPEC: BackendSpec = BackendSpec {
 fn make(params: &mut Params) -> Result<Arc<dyn BackendFactory>, ConfigError> {
     let size = util::take_size(params, NAME)?.unwrap_or(0);
     params.finish(NAME)?;
-    Ok(Arc::new(NullFactory { size }))
-}
-
-struct NullFactory {
-    size: u64,
-}
-
-impl BackendFactory for NullFactory {
-    fn open(&self, _cx: &OpenCx, done: Done<Rc<dyn Layer>>) {
-        done.ok(Rc::new(Null { size: self.size }))
-    }
-}
-
-struct Null {
-    size: u64,
-}
-
-impl Layer for Null {
-    fn info(&self) -> ExportInfo {
-        ExportInfo {
-            can_write: true,
-            // Nothing is kept, so nothing needs flushing: flush and FUA succeed at once.
-            can_flush: true,
-            fua: Support::Native,
-            can_trim: true,
-            zero: Support::Native,
-            can_fast_zero: true,
-            can_extents: true,
-            cache: Support::Native,
-            ..ExportInfo::read_only(self.size)
-        }
-    }
-
-    fn pread(&self, mut buf: Vec<u8>, _offset: u64, _flags: Flags, done: Done<Vec<u8>>) {
-        buf.fill(0);
-        done.ok(buf)
-    }
-
-    fn pwrite(&self, _data: Vec<u8>, _offset: u64, _flags: Flags, done: Done<()>) {
-        done.ok(())
-    }
-
-    fn flush(&self, _flags: Flags, done: Done<()>) {
-        done.ok(())
-    }
-
-    fn trim(&self, _count: u64, _offset: u64, _flags: Flags, done: Done<()>) {
-        done.ok(())
-    }
-
-    fn zero(&self, _count: u64, _offset: u64, _flags: Flags, done: Done<()>) {
-        done.ok(())
-    }
-
-    fn extents(&self, count: u64, _offset: u64, _flags: Flags, done: Done<Extents>) {
-        let mut e = Extents::new();
-        e.push(count, EXTENT_HOLE | EXTENT_ZERO);
-        done.ok(e)
-    }
-
-    fn cache(&self, _count: u64, _offset: u64, _flags: Flags, done: Done<()>) {
-        done.ok(())
-    }
+    Ok(Arc::new(Constant { size, byte: 0, hole: true, writes: Writes::Discarded }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testutil::{make, make_err, open};
+    use blocksmith_core::layer::{Flags, EXTENT_HOLE, EXTENT_ZERO};
 
     #[test]
     fn parameters() {

@@ -1,15 +1,13 @@
 //! `ones`: every byte reads as 0xff, or the byte given by `byte=`; writes, trims and zeroes are
 //! accepted and discarded (nbdkit-ones-plugin, nbdkit 1.36). Block status says "all data".
 
-use std::rc::Rc;
 use std::sync::Arc;
 
 use blocksmith_core::config::Params;
-use blocksmith_core::layer::{
-    BackendFactory, BackendSpec, Done, ExportInfo, Extents, Flags, Layer, OpenCx, ParamSpec, Support,
-};
+use blocksmith_core::layer::{BackendFactory, BackendSpec, ParamSpec};
 use blocksmith_core::ConfigError;
 
+use crate::constant::{Constant, Writes};
 use crate::util;
 
 const NAME: &str = "ones";
@@ -35,78 +33,15 @@ fn make(params: &mut Params) -> Result<Arc<dyn BackendFactory>, ConfigError> {
         None => 0xff,
     };
     params.finish(NAME)?;
-    Ok(Arc::new(OnesFactory { size, byte }))
-}
-
-struct OnesFactory {
-    size: u64,
-    byte: u8,
-}
-
-impl BackendFactory for OnesFactory {
-    fn open(&self, _cx: &OpenCx, done: Done<Rc<dyn Layer>>) {
-        done.ok(Rc::new(Ones { size: self.size, byte: self.byte }))
-    }
-}
-
-struct Ones {
-    size: u64,
-    byte: u8,
-}
-
-impl Layer for Ones {
-    fn info(&self) -> ExportInfo {
-        ExportInfo {
-            can_write: true,
-            // Nothing is stored, so flush and FUA are trivially done.
-            can_flush: true,
-            fua: Support::Native,
-            can_trim: true,
-            zero: Support::Native,
-            can_fast_zero: true,
-            can_extents: true,
-            cache: Support::Native,
-            ..ExportInfo::read_only(self.size)
-        }
-    }
-
-    fn pread(&self, mut buf: Vec<u8>, _offset: u64, _flags: Flags, done: Done<Vec<u8>>) {
-        buf.fill(self.byte);
-        done.ok(buf)
-    }
-
-    fn pwrite(&self, _data: Vec<u8>, _offset: u64, _flags: Flags, done: Done<()>) {
-        done.ok(())
-    }
-
-    fn flush(&self, _flags: Flags, done: Done<()>) {
-        done.ok(())
-    }
-
-    fn trim(&self, _count: u64, _offset: u64, _flags: Flags, done: Done<()>) {
-        done.ok(())
-    }
-
-    fn zero(&self, _count: u64, _offset: u64, _flags: Flags, done: Done<()>) {
-        done.ok(())
-    }
-
-    fn extents(&self, count: u64, _offset: u64, _flags: Flags, done: Done<Extents>) {
-        // Fully allocated, never zero (even for byte=0, as nbdkit reports it).
-        let mut e = Extents::new();
-        e.push(count, 0);
-        done.ok(e)
-    }
-
-    fn cache(&self, _count: u64, _offset: u64, _flags: Flags, done: Done<()>) {
-        done.ok(())
-    }
+    // Fully allocated, never zero (even for byte=0, as nbdkit reports it).
+    Ok(Arc::new(Constant { size, byte, hole: false, writes: Writes::Discarded }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testutil::{make, make_err, open};
+    use blocksmith_core::layer::Flags;
 
     #[test]
     fn reads_the_byte_and_discards_writes() {
