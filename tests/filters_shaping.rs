@@ -602,7 +602,7 @@ fn stats_file_on_demand_with_sigusr1() {
     );
     let mut client = tool("nbdsh").args(["-u", &srv.uri(), "-c", &code]).spawn().expect("nbdsh");
     assert!(wait_for_file(&ready, Duration::from_secs(20)).is_some(), "the workload never finished");
-    signal(srv.pid(), libc::SIGUSR1);
+    signal(srv.pid(), common::Signal::USR1);
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
         let t = fs::read_to_string(&file).unwrap_or_default();

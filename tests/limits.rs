@@ -50,13 +50,7 @@ fn cpu_ticks(pid: i32) -> u64 {
 }
 
 fn clock_ticks_per_second() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as u64
-    } else {
-        100
-    }
+    rustix::param::clock_ticks_per_second()
 }
 
 /// A raw client on the server's socket whose reads and writes time out after `timeout`.
@@ -174,17 +168,16 @@ fn leave_free_descriptors(pid: i32, free: usize) -> u64 {
 
 /// Has the server sent this client its greeting yet? (Peeks without waiting; consumes nothing.)
 fn greeted(s: &UnixStream) -> bool {
-    use std::os::fd::AsRawFd;
+    use rustix::net::RecvFlags;
     let mut b = [0u8; 18];
-    // SAFETY: recv into a buffer we own, of its length, on a socket we own.
-    let n = unsafe {
-        libc::recv(s.as_raw_fd(), b.as_mut_ptr().cast(), b.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
-    };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        assert_eq!(e.kind(), ErrorKind::WouldBlock, "peek: {e}");
+    match rustix::net::recv(s, &mut b, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((n, _)) => n > 0,
+        Err(e) => {
+            let e = std::io::Error::from(e);
+            assert_eq!(e.kind(), ErrorKind::WouldBlock, "peek: {e}");
+            false
+        }
     }
-    n > 0
 }
 
 /// Wait (bounded) for `cond` on the server's log.

@@ -16,7 +16,7 @@ struct PidGuard(i32);
 impl Drop for PidGuard {
     fn drop(&mut self) {
         if self.0 > 0 && common::pid_alive(self.0) {
-            common::signal(self.0, libc::SIGKILL);
+            common::signal(self.0, common::Signal::KILL);
         }
     }
 }
@@ -191,7 +191,7 @@ fn forks_to_background_without_f() {
     // It is already listening when the parent returns (the socket was bound before the fork).
     let out = run_ok(tool("nbdinfo").args(["--size", &format!("nbd+unix:///?socket={}", sock.display())]));
     assert_eq!(out.stdout.trim(), "1048576");
-    common::signal(pid, libc::SIGTERM);
+    common::signal(pid, common::Signal::TERM);
     assert!(common::wait_pid_gone(pid, QUICK), "daemon did not exit on SIGTERM");
 }
 
@@ -251,7 +251,7 @@ fn single_mode_over_pipes() {
     let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
         if cancelled.recv_timeout(Duration::from_secs(20)).is_err() {
-            common::signal(pid, libc::SIGKILL);
+            common::signal(pid, common::Signal::KILL);
         }
     });
     use std::io::{Read, Write};

@@ -468,7 +468,7 @@ fn inline_script_tmpdir_and_unload_foreground_and_background() {
         assert!(tmpdir.is_dir(), "background={background}: $tmpdir exists while serving");
         assert!(tmpdir.join("inline-script.sh").is_file());
         assert!(!unloaded.exists(), "background={background}: unload ran too early");
-        common::signal(pid, libc::SIGTERM);
+        common::signal(pid, common::Signal::TERM);
         // The server itself, or (in the background case) its parent, long gone by now.
         let st = wait_child(&mut child, Duration::from_secs(10));
         assert!(st.success(), "background={background}: exit {st}");

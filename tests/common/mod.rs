@@ -30,6 +30,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rustix::process::Pid;
+pub use rustix::process::Signal;
+
 /// How long a server may take to start accepting connections.
 pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound for one client command.
@@ -322,11 +325,8 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 }
 
 fn kill_group(child: &mut Child) {
-    let pid = child.id() as libc::pid_t;
-    // SAFETY: plain kill(2) on the process group we created for this child.
-    unsafe {
-        libc::kill(-pid, libc::SIGKILL);
-    }
+    // The group we created for this child (`process_group(0)`): its id is the child's.
+    let _ = rustix::process::kill_process_group(Pid::from_child(child), Signal::KILL);
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -347,9 +347,8 @@ pub fn assert_no_libnbd_complaints(what: &str, debug_output: &str) {
 
 /// Is a process (not necessarily our child) still alive? Zombies count as dead.
 pub fn pid_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence/permission.
-    let r = unsafe { libc::kill(pid, 0) };
-    if r != 0 {
+    // Signal 0 only checks for existence and permission.
+    if !Pid::from_raw(pid).is_some_and(|p| rustix::process::test_kill_process(p).is_ok()) {
         return false;
     }
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -374,11 +373,10 @@ pub fn wait_pid_gone(pid: i32, timeout: Duration) -> bool {
     !pid_alive(pid)
 }
 
-/// Send a signal to a process by id.
-pub fn signal(pid: i32, sig: i32) {
-    // SAFETY: plain kill(2).
-    unsafe {
-        libc::kill(pid, sig);
+/// Send a signal to a process by id (a process already gone is not an error here).
+pub fn signal(pid: i32, sig: Signal) {
+    if let Some(p) = Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(p, sig);
     }
 }
 
@@ -628,7 +626,7 @@ impl Server {
         if let Ok(Some(st)) = child.try_wait() {
             return Some(st);
         }
-        signal(child.id() as i32, libc::SIGTERM);
+        signal(child.id() as i32, Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Ok(Some(st)) = child.try_wait() {
