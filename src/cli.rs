@@ -35,7 +35,7 @@ pub struct Options {
     pub mask_handshake: Option<u16>,
     pub threads: Option<usize>,
     pub io_threads: Option<usize>,
-    /// `--io=uring|pool`: how the file backend does its IO.
+    /// `--io=uring|pool`: how the file backend and the cow/cache stores do their IO.
     pub io_pool: bool,
     pub memory_limit: Option<usize>,
     pub max_request: Option<u32>,
@@ -289,8 +289,8 @@ Serve a block device over NBD. Options (nbdkit's):
       --tls-verify-peer    require a client certificate signed by ca-cert.pem
   -t, --threads N          event loops (default: one per core)
       --io-threads N       threads for blocking file IO (default 8)
-      --io uring|pool      file IO through io_uring (default, when the kernel has it) or
-                           the thread pool
+      --io uring|pool      file IO (file backend, cow and cache stores) through io_uring
+                           (default, when the kernel has it) or the thread pool
       --memory-limit SIZE  budget for request and reply buffers; when spent, clients wait
                            (default: 1/8 of RAM, or of the cgroup's memory limit if lower,
                            between 2 x --max-request and 16G; -v prints it)

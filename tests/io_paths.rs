@@ -1,6 +1,6 @@
 //! The IO paths under the server: the `file` backend through io_uring and through the thread
 //! pool (`--io=pool`) passes the same clients, with and without the page-cache fast path, and
-//! with `cache=none` (O_DIRECT); the memory budget backpressures without deadlocking; thousands
+//! with `cache=none` (O_DIRECT); so do the `cow` and `cache` filters' block stores; the memory budget backpressures without deadlocking; thousands
 //! of clients at once are all served.
 
 mod common;
@@ -254,6 +254,82 @@ fn cached_reads_sent_with_sendfile_are_the_file() {
         // Unaligned reads of 64 KiB and more, with and without structured replies.
         run_ok(python_script("sendfile_reads.py").arg(srv.uri()).arg(&img));
     }
+}
+
+/// `cow` and `cache` keep their blocks in a temporary file, which they read and write through
+/// the loop's io_uring or the pool like the `file` backend: the same client work on both paths,
+/// over a `memory` disk (which does no file IO of its own, so `-v` naming io_uring proves the
+/// filter's store went through the ring).
+fn exercise_overlay(filter: &str, io: &str) {
+    let dir = TempDir::new(&format!("overlay-{filter}-{io}"));
+    let srv = Server::unix(&["-v", &format!("--io={io}"), &format!("--filter={filter}"), "memory", "64M"]);
+    let uri = srv.uri();
+    run_ok(tool("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 1M 3M",
+        "-c",
+        "read -P 0x5a 1M 3M",
+        "-c",
+        "write -P 0x33 1000k 48k",
+        "-c",
+        "read -P 0x5a 1048k 1M",
+        "-c",
+        "read -P 0x33 1000k 48k",
+        "-c",
+        "read -P 0 0 1000k",
+        "-c",
+        "write -z 2M 256k",
+        "-c",
+        "read -P 0 2M 256k",
+        "-c",
+        "flush",
+        &uri,
+    ]));
+    let out = run_with_timeout(
+        tool("fio").current_dir(dir.path()).args([
+            "--name=overlay",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randrw",
+            "--bs=4k",
+            "--size=16M",
+            "--offset=32M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ]),
+        Duration::from_secs(120),
+    )
+    .assert_success();
+    assert!(out.stdout.contains("err= 0:"), "{}", out.describe());
+    let log = srv.stderr();
+    if io == "pool" {
+        assert!(!log.contains("file IO: io_uring"), "--io=pool used io_uring:\n{log}");
+    } else {
+        assert!(log.contains("file IO: io_uring"), "{filter}'s store did not use io_uring:\n{log}");
+    }
+}
+
+#[test]
+fn cow_store_through_io_uring() {
+    exercise_overlay("cow", "uring");
+}
+
+#[test]
+fn cow_store_through_the_thread_pool() {
+    exercise_overlay("cow", "pool");
+}
+
+#[test]
+fn cache_store_through_io_uring() {
+    exercise_overlay("cache", "uring");
+}
+
+#[test]
+fn cache_store_through_the_thread_pool() {
+    exercise_overlay("cache", "pool");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Machinery shared by the filters that keep blocks of the disk in a temporary file (`cow`,
 //! `cache`): the temporary file itself, a compact per-block state array, asynchronous range locks
-//! that work across event loops, and positional file IO on the blocking pool.
+//! that work across event loops, and positional file IO (through the loop's io_uring, or the
+//! blocking pool where there is none).
 //!
 //! RAM stays bounded: block data lives in the temporary file; in memory there are only two bits
 //! per block and the locks of requests in flight.
@@ -9,6 +10,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -19,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blocksmith_core::config::parse_bool;
 use blocksmith_core::error::{ConfigError, NbdError};
+use blocksmith_core::io::uring;
 use blocksmith_core::layer::{Done, Flags, Next};
 use blocksmith_core::sched::Sched;
 
@@ -421,12 +424,13 @@ fn run_waiting(ticket: u64) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// File IO on the blocking pool
+// File IO: the loop's io_uring, or the blocking pool
 // ---------------------------------------------------------------------------------------------
 
-/// Read `len` bytes at `file_off` into `buf[at..at + len]` on the blocking pool; the buffer comes
-/// back through `done`. Bytes past the end of the file read as zeroes (blocks are written whole,
-/// so that only happens for a file that was never extended that far).
+/// Read `len` bytes at `file_off` into `buf[at..at + len]`; the buffer comes back through
+/// `done`. Bytes past the end of the file read as zeroes (blocks are written whole, so that only
+/// happens for a file that was never extended that far). Through this loop's io_uring (the
+/// completion wakes this loop) or, where there is none (`--io=pool`), the blocking pool.
 pub(crate) fn read_at(
     sched: &Sched,
     file: &Arc<File>,
@@ -436,6 +440,20 @@ pub(crate) fn read_at(
     file_off: u64,
     done: Done<Vec<u8>>,
 ) {
+    if let Some(ring) = uring::for_loop(sched) {
+        let fd = file.as_raw_fd();
+        return ring.read_range_at(
+            fd,
+            uring::keep(file.clone()),
+            buf,
+            at..at + len,
+            file_off,
+            Box::new(move |r, buf| match r {
+                Ok(()) => done.ok(buf),
+                Err(e) => done.err(NbdError::from_io(&e)),
+            }),
+        );
+    }
     let file = file.clone();
     sched.blocking(
         move || {
@@ -467,7 +485,8 @@ fn read_full(file: &File, mut out: &mut [u8], mut off: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Write `data[at..at + len]` at `file_off` on the blocking pool; the buffer comes back.
+/// Write `data[at..at + len]` at `file_off` (as [`read_at`]: io_uring or the pool); the buffer
+/// comes back.
 pub(crate) fn write_at(
     sched: &Sched,
     file: &Arc<File>,
@@ -477,6 +496,20 @@ pub(crate) fn write_at(
     file_off: u64,
     done: Done<Vec<u8>>,
 ) {
+    if let Some(ring) = uring::for_loop(sched) {
+        let fd = file.as_raw_fd();
+        return ring.write_range_at(
+            fd,
+            uring::keep(file.clone()),
+            data,
+            at..at + len,
+            file_off,
+            Box::new(move |r, data| match r {
+                Ok(()) => done.ok(data),
+                Err(e) => done.err(NbdError::from_io(&e)),
+            }),
+        );
+    }
     let file = file.clone();
     sched.blocking(
         move || {

@@ -17,6 +17,7 @@
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -86,6 +87,17 @@ pub type ReadDone = Box<dyn FnOnce(io::Result<()>, Vec<u8>)>;
 pub type DirectReadDone = Box<dyn FnOnce(io::Result<()>, AlignedBuf)>;
 /// Completion of a write or sync.
 pub type UnitDone = Box<dyn FnOnce(io::Result<()>)>;
+/// Completion of a write whose buffer the caller wants back.
+pub type WriteDone = Box<dyn FnOnce(io::Result<()>, Vec<u8>)>;
+
+/// What a read that reaches the end of the file does with the rest of its range.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PastEof {
+    /// Fails with `UnexpectedEof` (the file was expected to be that long).
+    Error,
+    /// Fills it with zeroes and succeeds (a sparse store whose file only grows as written).
+    Zeroes,
+}
 
 /// Where a read lands, with the completion that gets that buffer back.
 enum ReadInto {
@@ -98,20 +110,32 @@ enum ReadInto {
 enum WriteFrom {
     Buffered(Vec<u8>),
     Direct(AlignedBuf),
+    /// Handed back to its own completion when done.
+    Returned(Vec<u8>, WriteDone),
 }
 
 impl WriteFrom {
     fn bytes(&self) -> &[u8] {
         match self {
-            WriteFrom::Buffered(v) => v,
+            WriteFrom::Buffered(v) | WriteFrom::Returned(v, _) => v,
             WriteFrom::Direct(a) => a,
+        }
+    }
+
+    /// Run the write's completion with `r`: the buffer's own, if it goes back, else `done`.
+    fn finish(self, r: io::Result<()>, done: UnitDone) {
+        match self {
+            WriteFrom::Returned(v, back) => back(r, v),
+            WriteFrom::Buffered(_) | WriteFrom::Direct(_) => done(r),
         }
     }
 }
 
+/// A transfer moves `buf[at..end]`; `pos` is the file offset of `buf[at]`. Both advance as
+/// short transfers are continued.
 enum Kind {
-    Read { offset: u64, filled: usize, into: ReadInto },
-    Write { offset: u64, written: usize, from: WriteFrom, done: UnitDone },
+    Read { pos: u64, at: usize, end: usize, past_eof: PastEof, into: ReadInto },
+    Write { pos: u64, at: usize, end: usize, from: WriteFrom, done: UnitDone },
     Fsync { done: UnitDone },
     Fallocate { mode: i32, offset: u64, len: u64, done: UnitDone },
 }
@@ -205,11 +229,40 @@ impl Uring {
         if filled >= buf.len() {
             return done(Ok(()), buf);
         }
-        self.start(Op {
-            fd,
-            _keep: keep,
-            kind: Kind::Read { offset, filled, into: ReadInto::Buffered(buf, done) },
-        });
+        let (pos, end) = (offset + filled as u64, buf.len());
+        let kind = Kind::Read {
+            pos,
+            at: filled,
+            end,
+            past_eof: PastEof::Error,
+            into: ReadInto::Buffered(buf, done),
+        };
+        self.start(Op { fd, _keep: keep, kind });
+    }
+
+    /// Read `buf[range]` from `offset` on. Bytes past the end of the file read as zeroes (a
+    /// store file that only grows as it is written). The whole buffer comes back.
+    pub fn read_range_at(
+        self: &Rc<Self>,
+        fd: RawFd,
+        keep: Box<dyn Any>,
+        buf: Vec<u8>,
+        range: Range<usize>,
+        offset: u64,
+        done: ReadDone,
+    ) {
+        if range.is_empty() || range.end > buf.len() {
+            let r = if range.end > buf.len() {
+                Err(io::Error::from(io::ErrorKind::InvalidInput))
+            } else {
+                Ok(())
+            };
+            return done(r, buf);
+        }
+        let into = ReadInto::Buffered(buf, done);
+        let kind =
+            Kind::Read { pos: offset, at: range.start, end: range.end, past_eof: PastEof::Zeroes, into };
+        self.start(Op { fd, _keep: keep, kind });
     }
 
     /// Read exactly `buf.len()` bytes at `offset` from an O_DIRECT descriptor (`offset` and the
@@ -225,11 +278,15 @@ impl Uring {
         if buf.is_empty() {
             return done(Ok(()), buf);
         }
-        self.start(Op {
-            fd,
-            _keep: keep,
-            kind: Kind::Read { offset, filled: 0, into: ReadInto::Direct(buf, done) },
-        });
+        let end = buf.len();
+        let kind = Kind::Read {
+            pos: offset,
+            at: 0,
+            end,
+            past_eof: PastEof::Error,
+            into: ReadInto::Direct(buf, done),
+        };
+        self.start(Op { fd, _keep: keep, kind });
     }
 
     /// Write all of `data` at `offset`.
@@ -241,7 +298,24 @@ impl Uring {
         offset: u64,
         done: UnitDone,
     ) {
-        self.write(fd, keep, WriteFrom::Buffered(data), offset, done)
+        let end = data.len();
+        self.write(fd, keep, WriteFrom::Buffered(data), 0..end, offset, done)
+    }
+
+    /// Write `data[range]` at `offset`; the whole buffer comes back.
+    pub fn write_range_at(
+        self: &Rc<Self>,
+        fd: RawFd,
+        keep: Box<dyn Any>,
+        data: Vec<u8>,
+        range: Range<usize>,
+        offset: u64,
+        done: WriteDone,
+    ) {
+        if range.end > data.len() {
+            return done(Err(io::Error::from(io::ErrorKind::InvalidInput)), data);
+        }
+        self.write(fd, keep, WriteFrom::Returned(data, done), range, offset, Box::new(|_| ()))
     }
 
     /// Write all of `data` at `offset` through an O_DIRECT descriptor (aligned as for
@@ -254,14 +328,24 @@ impl Uring {
         offset: u64,
         done: UnitDone,
     ) {
-        self.write(fd, keep, WriteFrom::Direct(data), offset, done)
+        let end = data.len();
+        self.write(fd, keep, WriteFrom::Direct(data), 0..end, offset, done)
     }
 
-    fn write(self: &Rc<Self>, fd: RawFd, keep: Box<dyn Any>, from: WriteFrom, offset: u64, done: UnitDone) {
-        if from.bytes().is_empty() {
-            return done(Ok(()));
+    fn write(
+        self: &Rc<Self>,
+        fd: RawFd,
+        keep: Box<dyn Any>,
+        from: WriteFrom,
+        range: Range<usize>,
+        offset: u64,
+        done: UnitDone,
+    ) {
+        if range.is_empty() {
+            return from.finish(Ok(()), done);
         }
-        self.start(Op { fd, _keep: keep, kind: Kind::Write { offset, written: 0, from, done } });
+        let kind = Kind::Write { pos: offset, at: range.start, end: range.end, from, done };
+        self.start(Op { fd, _keep: keep, kind });
     }
 
     /// fdatasync.
@@ -303,19 +387,19 @@ impl Uring {
             let Some(op) = ops.get_mut(key) else { return };
             let fd = types::Fd(op.fd);
             match &mut op.kind {
-                Kind::Read { offset, filled, into } => {
+                Kind::Read { pos, at, end, into, .. } => {
                     let buf: &mut [u8] = match into {
                         ReadInto::Buffered(v, _) => v,
                         ReadInto::Direct(a, _) => a,
                     };
-                    let rest = &mut buf[*filled..];
+                    let rest = &mut buf[*at..*end];
                     let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-                    opcode::Read::new(fd, rest.as_mut_ptr(), len).offset(*offset + *filled as u64).build()
+                    opcode::Read::new(fd, rest.as_mut_ptr(), len).offset(*pos).build()
                 }
-                Kind::Write { offset, written, from, .. } => {
-                    let rest = &from.bytes()[*written..];
+                Kind::Write { pos, at, end, from, .. } => {
+                    let rest = &from.bytes()[*at..*end];
                     let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-                    opcode::Write::new(fd, rest.as_ptr(), len).offset(*offset + *written as u64).build()
+                    opcode::Write::new(fd, rest.as_ptr(), len).offset(*pos).build()
                 }
                 Kind::Fsync { .. } => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
                 Kind::Fallocate { mode, offset, len, .. } => {
@@ -368,7 +452,8 @@ impl Uring {
             match op.kind {
                 Kind::Read { into: ReadInto::Buffered(buf, done), .. } => done(r, buf),
                 Kind::Read { into: ReadInto::Direct(buf, done), .. } => done(r, buf),
-                Kind::Write { done, .. } | Kind::Fsync { done } | Kind::Fallocate { done, .. } => done(r),
+                Kind::Write { from, done, .. } => from.finish(r, done),
+                Kind::Fsync { done } | Kind::Fallocate { done, .. } => done(r),
             }
         }
     }
@@ -403,27 +488,28 @@ impl Uring {
             let mut ops = self.ops.borrow_mut();
             let Some(op) = ops.get_mut(key) else { return };
             match &mut op.kind {
-                Kind::Read { filled, into, .. } => {
-                    let (len, direct) = match into {
-                        ReadInto::Buffered(v, _) => (v.len(), false),
-                        ReadInto::Direct(a, _) => (a.len(), true),
-                    };
-                    *filled += n;
-                    if n == 0 {
-                        Err(io::Error::from(io::ErrorKind::UnexpectedEof))
-                    } else if direct && *filled < len {
-                        Err(short_direct(true))
-                    } else {
-                        Ok(*filled < len)
+                Kind::Read { pos, at, end, past_eof, into } => {
+                    *at += n;
+                    *pos += n as u64;
+                    match into {
+                        _ if n == 0 && *past_eof == PastEof::Zeroes => {
+                            if let ReadInto::Buffered(v, _) = into {
+                                v[*at..*end].fill(0);
+                            }
+                            Ok(false)
+                        }
+                        _ if n == 0 => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                        ReadInto::Direct(..) if *at < *end => Err(short_direct(true)),
+                        _ => Ok(*at < *end),
                     }
                 }
-                Kind::Write { written, from, .. } => {
-                    *written += n;
-                    let len = from.bytes().len();
-                    if matches!(from, WriteFrom::Direct(_)) && *written < len {
+                Kind::Write { pos, at, end, from, .. } => {
+                    *at += n;
+                    *pos += n as u64;
+                    if matches!(from, WriteFrom::Direct(_)) && *at < *end {
                         Err(short_direct(false))
                     } else {
-                        Ok(*written < len)
+                        Ok(*at < *end)
                     }
                 }
                 Kind::Fsync { .. } | Kind::Fallocate { .. } => Ok(false),
@@ -555,6 +641,71 @@ mod tests {
         assert!(lp.run_until(Duration::from_secs(10), || eof.borrow().is_some()));
         let r = eof.borrow_mut().take().unwrap();
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Transfers of a window of a buffer (what the overlay filters' store files use): only the
+    /// window moves, the buffer comes back whole, and a read past the end of the file fills
+    /// the rest of its window with zeroes.
+    #[test]
+    fn ranges_of_a_buffer_and_zeroes_past_the_end() {
+        let mut lp = LocalLoop::new().unwrap();
+        let ring = for_loop(&lp.sched()).expect("io_uring");
+        let path = std::env::temp_dir().join(format!("blocksmith-uring-range-{}", std::process::id()));
+        let f = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let f = Arc::new(f);
+        let fd = f.as_raw_fd();
+        let mut data = vec![0xaau8; 300];
+        data[100..200].fill(0x42);
+        let wrote = Rc::new(RefCell::new(None));
+        let w = wrote.clone();
+        ring.write_range_at(
+            fd,
+            keep(f.clone()),
+            data,
+            100..200,
+            50,
+            Box::new(move |r, v| *w.borrow_mut() = Some((r, v))),
+        );
+        assert!(lp.run_until(Duration::from_secs(10), || wrote.borrow().is_some()));
+        let (r, back) = wrote.borrow_mut().take().unwrap();
+        r.unwrap();
+        assert_eq!(back.len(), 300, "the whole buffer comes back");
+        assert_eq!(f.metadata().unwrap().len(), 150, "only the window was written");
+        // Read [40, 190) of a 150-byte file into buf[10..160]: 10 zero bytes (a hole at the
+        // start of the file), the 100 written, then 40 past the end as zeroes.
+        let got = Rc::new(RefCell::new(None));
+        let g = got.clone();
+        ring.read_range_at(
+            fd,
+            keep(f.clone()),
+            vec![0x77u8; 170],
+            10..160,
+            40,
+            Box::new(move |r, v| *g.borrow_mut() = Some((r, v))),
+        );
+        assert!(lp.run_until(Duration::from_secs(10), || got.borrow().is_some()));
+        let (r, buf) = got.borrow_mut().take().unwrap();
+        r.unwrap();
+        assert!(
+            buf[..10].iter().all(|&b| b == 0x77) && buf[160..].iter().all(|&b| b == 0x77),
+            "outside the window"
+        );
+        assert!(buf[10..20].iter().all(|&b| b == 0));
+        assert!(buf[20..120].iter().all(|&b| b == 0x42));
+        assert!(buf[120..160].iter().all(|&b| b == 0), "past the end of the file");
+        // A window outside the buffer is refused, not a panic.
+        let got = Rc::new(RefCell::new(None));
+        let g = got.clone();
+        ring.read_range_at(
+            fd,
+            keep(f),
+            vec![0u8; 4],
+            2..8,
+            0,
+            Box::new(move |r, _| *g.borrow_mut() = Some(r)),
+        );
+        assert_eq!(got.borrow_mut().take().unwrap().unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 
     /// A file next to the test executable (the build's disk file system, which takes O_DIRECT
