@@ -248,8 +248,8 @@ fn budget_goes_to_waiting_connections_first_come_first_served() {
     };
     let (mut holder, mut first, mut second, mut third) =
         (open(&budget), open(&budget), open(&budget), open(&budget));
-    let mut two = h_reads(&holder, 2);
-    holder.send(&std::mem::take(&mut two));
+    let two = h_reads(&holder, 2);
+    holder.send(&two);
     assert_eq!((holder.held.len(), budget.used()), (2, 8192));
     for h in [&mut first, &mut second, &mut third] {
         let one = h_reads(h, 1);
