@@ -23,7 +23,7 @@ use blocksmith_core::config::Params;
 use blocksmith_core::error::Errno;
 use blocksmith_core::layer::{
     BackendFactory, BackendSpec, Done, ExportInfo, Extents, Flags, Layer, Lent, OpenCx, ParamSpec, ReadData,
-    Support, EXTENT_HOLE, EXTENT_ZERO,
+    SharedBytes, Support, EXTENT_HOLE, EXTENT_ZERO,
 };
 use blocksmith_core::{ConfigError, NbdError};
 
@@ -65,7 +65,7 @@ const EXTENTS_PAGE_BUDGET: usize = 16 * 1024;
 /// A page is shared with READ replies still being sent (they lend it instead of copying): a
 /// writer that finds it shared writes into a copy (`Arc::make_mut`), so a reply always carries
 /// the bytes as they were when its read completed.
-type Page = Arc<[u8]>;
+type Page = SharedBytes;
 /// Pages per chunk of the page index: 512 × 32 KiB = 16 MiB of disk per chunk.
 const CHUNK_PAGES: u64 = 512;
 
@@ -207,12 +207,13 @@ fn new_page(at: usize, src: &[u8]) -> Result<Page, NbdError> {
     v.try_reserve_exact(page).map_err(|_| NbdError::msg(Errno::NoMem, "memory: cannot allocate a page"))?;
     if at == 0 && src.len() == page {
         // A whole page written: no zeroes to fill in.
-        drop(v);
-        return Ok(Arc::from(src));
+        v.extend_from_slice(src);
+    } else {
+        v.resize(page, 0);
+        v[at..at + src.len()].copy_from_slice(src);
     }
-    v.resize(page, 0);
-    v[at..at + src.len()].copy_from_slice(src);
-    Ok(Arc::from(v))
+    // The vector becomes the page as it is: no second allocation, no copy.
+    Ok(Arc::new(v))
 }
 
 impl MemoryDisk {

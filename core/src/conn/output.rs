@@ -6,7 +6,7 @@ use std::io::IoSlice;
 use std::sync::Arc;
 
 use crate::budget::Budget;
-use crate::layer::Lent;
+use crate::layer::{Lent, SharedBytes};
 
 /// Small header bytes are appended to the last owned segment up to this size, so a burst of
 /// small replies needs few iovecs.
@@ -18,7 +18,7 @@ enum Buf {
     /// Part of a READ buffer split into several data chunks around holes.
     Shared(Arc<Vec<u8>>),
     /// Bytes a layer lent (its own storage; see `layer::lent`).
-    Lent(Arc<[u8]>),
+    Lent(SharedBytes),
     /// Zeroes, from [`ZEROS`].
     Zeros,
     /// A file range from `base` (the segment's start and end are relative to it), sent with

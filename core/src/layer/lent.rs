@@ -11,11 +11,20 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+/// A block of memory shared between a layer's storage and the replies lending it.
+///
+/// An `Arc<Vec<u8>>` rather than an `Arc<[u8]>`: the reference counts then live in a small
+/// header allocation of their own instead of in front of the data. Lending a page touches its
+/// counts; with them in front of a 32 KiB page, every 4K random read paid a cache and TLB miss
+/// on a line it did not otherwise need (two thirds of the `memory` backend's read CPU), where
+/// the headers of all pages now sit close together. A `Vec` also becomes shared without a copy.
+pub type SharedBytes = Arc<Vec<u8>>;
+
 /// One piece of lent read data. A read's pieces are in order and add up to its length.
 #[derive(Clone, Debug)]
 pub enum Lent {
     /// `page[start..end]`, shared with the layer's storage.
-    Bytes { page: Arc<[u8]>, start: usize, end: usize },
+    Bytes { page: SharedBytes, start: usize, end: usize },
     /// `len` zero bytes in a range the layer knows is unallocated: a hole.
     Zero(usize),
     /// `len` bytes of `file` from `offset`, which the layer found in the page cache: sent with
@@ -93,7 +102,7 @@ mod tests {
 
     #[test]
     fn lent_pieces_flatten_in_order() {
-        let page: Arc<[u8]> = Arc::from(&b"abcdefgh"[..]);
+        let page: SharedBytes = Arc::new(b"abcdefgh".to_vec());
         let d = ReadData::Lent(vec![
             Lent::Bytes { page: page.clone(), start: 6, end: 8 },
             Lent::Zero(3),

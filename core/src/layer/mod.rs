@@ -27,7 +27,7 @@ use crate::control::ServerControl;
 use crate::error::{Errno, NbdError};
 use crate::sched::Sched;
 
-pub use lent::{Lent, ReadData};
+pub use lent::{Lent, ReadData, SharedBytes};
 pub use registry::{BackendFactory, BackendSpec, FilterFactory, FilterSpec, ParamSpec};
 pub use stack::Stack;
 

@@ -649,7 +649,7 @@ fn mismatched_layer_results_become_eio() {
 
 /// Answer the held READ with lent pieces: a page shared with the "layer", then a hole, then the
 /// start of the page again.
-fn lent_pieces(page: &std::sync::Arc<[u8]>) -> Vec<Lent> {
+fn lent_pieces(page: &crate::layer::SharedBytes) -> Vec<Lent> {
     vec![
         Lent::Bytes { page: page.clone(), start: 100, end: 4196 },
         Lent::Zero(4096),
@@ -667,7 +667,7 @@ fn lent_expected(page: &[u8]) -> Vec<u8> {
 
 #[test]
 fn lent_read_data_goes_out_in_every_reply_form() {
-    let page: std::sync::Arc<[u8]> = (0..8192u32).map(|i| (i % 251) as u8 + 1).collect();
+    let page = std::sync::Arc::new((0..8192u32).map(|i| (i % 251) as u8 + 1).collect::<Vec<u8>>());
     let want = lent_expected(&page);
 
     // Simple replies: the header, then the pieces, holes as zero bytes.
@@ -756,7 +756,7 @@ fn lent_file_ranges_go_out_between_the_other_bytes() {
     std::fs::write(&dir, &data).unwrap();
     let file = std::sync::Arc::new(std::fs::File::open(&dir).unwrap());
     let _ = std::fs::remove_file(&dir);
-    let page: std::sync::Arc<[u8]> = vec![7u8; 4096].into();
+    let page = std::sync::Arc::new(vec![7u8; 4096]);
     let pieces = vec![
         Lent::File { file: file.clone(), offset: 1000, len: 70_000 },
         Lent::Zero(4096),
