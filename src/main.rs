@@ -358,6 +358,11 @@ fn run(opts: Options) -> Result<ExitCode, String> {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| format!("cannot write pidfile {p}: {e}"))?;
     }
+    // Before the threads start: growing the table later stalls a loop for an RCU grace period.
+    match process::reserve_descriptor_table() {
+        Some(n) => log::debug!("descriptor table: {n} slots reserved"),
+        None => log::debug!("descriptor table: not reserved (it grows as clients arrive)"),
+    }
     start_signal_thread(shutdown.clone())?;
 
     let Endpoint { listeners, uri, port, unix, cleanup_dir } = ep;

@@ -4,7 +4,9 @@
 //!   server's peak resident memory (VmHWM) stays under the limit plus the documented overhead
 //!   (`blocksmith_core::limits::memory_overhead`);
 //! - out of descriptors, the server pauses accepting with one warning, does not spin, keeps
-//!   serving the clients it has, and serves a waiting client once a descriptor frees.
+//!   serving the clients it has, and serves a waiting client once a descriptor frees;
+//! - the descriptor table is grown for the descriptor limit at start-up, so accepting never
+//!   waits for the kernel to grow it.
 //!
 //! Both are memory or descriptor bounds, not timing assertions; every client IO has a bounded
 //! timeout, and everything runs on a Unix socket in a temporary directory.
@@ -29,14 +31,19 @@ const FLOOD_IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on the whole flood (2 GiB through the server; a few seconds on a quiet machine).
 const FLOOD_DEADLINE: Duration = Duration::from_secs(90);
 
-/// A field of `/proc/PID/status` in bytes (`VmHWM:   80000 kB`).
-fn status_bytes(pid: i32, field: &str) -> u64 {
+/// The value of a field of `/proc/PID/status`, trimmed (`VmHWM:   80000 kB` gives `80000 kB`).
+fn status_field(pid: i32, field: &str) -> String {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    let line = status
+    let value = status
         .lines()
         .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
-    let kb: u64 = line.trim().trim_end_matches("kB").trim().parse().expect("a number of kB");
+    value.trim().to_string()
+}
+
+/// A field of `/proc/PID/status` in bytes (`VmHWM:   80000 kB`).
+fn status_bytes(pid: i32, field: &str) -> u64 {
+    let kb: u64 = status_field(pid, field).trim_end_matches("kB").trim().parse().expect("a number of kB");
     kb * 1024
 }
 
@@ -194,6 +201,25 @@ fn wait_log(srv: &Server, what: &str, timeout: Duration, cond: impl Fn(&str) -> 
 }
 
 const PAUSE_WARNING: &str = "pausing new connections until a descriptor frees";
+
+/// The server grows its descriptor table at start-up to its descriptor limit (capped), as
+/// `-v` says, instead of doubling it as clients arrive (each doubling in a threaded process
+/// waits for an RCU grace period, stalling the accepting loop).
+#[test]
+fn the_descriptor_table_is_sized_at_start_up() {
+    // The server inherits this process's descriptor limit.
+    let limit =
+        rustix::process::getrlimit(rustix::process::Resource::Nofile).current.expect("a finite limit");
+    let want = limit.min(blocksmith_core::io::process::DESCRIPTOR_TABLE_RESERVE);
+    let srv = Server::unix(&["-v", "null", "1G"]);
+    let log = wait_log(&srv, "the descriptor table line", Duration::from_secs(10), |l| {
+        l.contains("descriptor table:")
+    });
+    assert!(log.contains(&format!("descriptor table: {want} slots reserved")), "{log}");
+    // Its table has room for that many before the first client arrives.
+    let slots: u64 = status_field(srv.pid(), "FDSize").parse().expect("FDSize is a number");
+    assert!(slots >= want, "FDSize {slots}, want at least {want}");
+}
 
 #[test]
 fn out_of_descriptors_pauses_accepting_once_then_serves_waiting_clients() {

@@ -1,9 +1,10 @@
-//! Process plumbing: daemonizing, the parent-death signal, fd flags, the allocator's arenas.
+//! Process plumbing: daemonizing, the parent-death signal, fd flags, the descriptor table, the
+//! allocator's arenas.
 //! Like the rest of `core/src/io/`, the IO-driver code, it may use `unsafe`, each block with
 //! the reason it is sound.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Put an fd in nonblocking mode (works for sockets and pipes alike).
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -61,7 +62,6 @@ pub fn daemonize() -> io::Result<Forked> {
     // already).
     unsafe { libc::setsid() };
     let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
-    use std::os::fd::AsRawFd;
     for fd in [0, 1] {
         // SAFETY: dup2 onto the standard fds with a valid source fd we hold open.
         if unsafe { libc::dup2(devnull.as_raw_fd(), fd) } < 0 {
@@ -108,6 +108,40 @@ pub fn peer_cred(fd: RawFd) -> Option<crate::layer::PeerCred> {
     Some(crate::layer::PeerCred { pid: cred.pid, uid: cred.uid, gid: cred.gid })
 }
 
+/// The most descriptor slots [`reserve_descriptor_table`] sets up in advance: room for 65,536
+/// descriptors costs the kernel about half a megabyte (8 bytes a slot, plus two bitmaps).
+pub const DESCRIPTOR_TABLE_RESERVE: u64 = 1 << 16;
+
+/// Grow the process's descriptor table now to the soft `RLIMIT_NOFILE`, at most
+/// [`DESCRIPTOR_TABLE_RESERVE`] slots; returns the size asked for.
+///
+/// Why: the kernel grows the table by doubling when a new descriptor does not fit, and in a
+/// process with more than one thread each growth waits for an RCU grace period
+/// (`expand_fdtable` calls `synchronize_rcu`), 9–16 ms on these machines, during which the
+/// loop that is accepting stands still and every client connecting meanwhile waits: letting
+/// in 10,000 clients grew it six times (256 to 16,384 slots) and those stalls were the
+/// handshake p99. Grown once at start-up instead, it never grows while serving (tables never
+/// shrink). A limit raised later (`prlimit`) grows it the old way past the reserve.
+pub fn reserve_descriptor_table() -> Option<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one `struct rlimit` into the value we pass, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    let want = lim.rlim_cur.min(DESCRIPTOR_TABLE_RESERVE);
+    let lowest = libc::c_int::try_from(want.checked_sub(1)?).ok()?;
+    let probe = std::fs::File::open("/dev/null").ok()?;
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we hold open (`probe`) onto the lowest
+    // free number at or above `lowest`; it takes no pointers. The table grows to hold it.
+    let high = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_DUPFD_CLOEXEC, lowest) };
+    if high < 0 {
+        return None;
+    }
+    // SAFETY: `high` was just returned by fcntl: a descriptor we own and nothing else refers to.
+    drop(unsafe { OwnedFd::from_raw_fd(high) });
+    Some(want)
+}
+
 /// One glibc malloc arena for all threads (unless the user chose with `MALLOC_ARENA_MAX` or
 /// `GLIBC_TUNABLES`): memory a loop frees then serves the next request on any loop, which
 /// keeps resident memory near `--memory-limit` (see `bufpool::configure`).
@@ -128,3 +162,25 @@ pub fn single_malloc_arena() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn single_malloc_arena() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table's size is `FDSize` in /proc/self/status.
+    fn table_slots() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("FDSize:")).unwrap();
+        line["FDSize:".len()..].trim().parse().unwrap()
+    }
+
+    #[test]
+    fn the_descriptor_table_is_grown_in_advance() {
+        let want = reserve_descriptor_table().expect("reserve");
+        assert!((64..=DESCRIPTOR_TABLE_RESERVE).contains(&want), "{want}");
+        assert!(table_slots() >= want, "FDSize {} < {want}", table_slots());
+        // Nothing is left open: the next descriptor is a low one.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert!((f.as_raw_fd() as u64) < want - 1);
+    }
+}
