@@ -68,6 +68,14 @@ fn exercise_file_backend_with(io: &str, params: &[&str]) {
     );
     assert!(zeroed(2 << 20, (2 << 20) + (256 << 10)) && zeroed(3 << 20, (3 << 20) + (128 << 10)));
     assert!(on_disk[(3 << 20) + (128 << 10)..4 << 20].iter().all(|&b| b == 0x5a));
+    fio_verify(&dir, &uri, "0");
+    let log = srv.stderr();
+    let want = if io == "pool" { "thread pool" } else { "file IO: io_uring" };
+    assert!(log.contains(want), "-v does not say which IO path is in use ({want}):\n{log}");
+}
+
+/// fio's random reads and writes of 16 MiB from `offset`, every block checked (crc32c).
+fn fio_verify(dir: &TempDir, uri: &str, offset: &str) {
     let out = run_with_timeout(
         // fio leaves a verify state file in its working directory: keep it in the temp dir.
         tool("fio").current_dir(dir.path()).args([
@@ -77,6 +85,7 @@ fn exercise_file_backend_with(io: &str, params: &[&str]) {
             "--rw=randrw",
             "--bs=4k",
             "--size=16M",
+            &format!("--offset={offset}"),
             "--iodepth=16",
             "--verify=crc32c",
             "--verify_fatal=1",
@@ -85,9 +94,6 @@ fn exercise_file_backend_with(io: &str, params: &[&str]) {
     )
     .assert_success();
     assert!(out.stdout.contains("err= 0:"), "{}", out.describe());
-    let log = srv.stderr();
-    let want = if io == "pool" { "thread pool" } else { "file IO: io_uring" };
-    assert!(log.contains(want), "-v does not say which IO path is in use ({want}):\n{log}");
 }
 
 #[test]
@@ -287,23 +293,7 @@ fn exercise_overlay(filter: &str, io: &str) {
         "flush",
         &uri,
     ]));
-    let out = run_with_timeout(
-        tool("fio").current_dir(dir.path()).args([
-            "--name=overlay",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randrw",
-            "--bs=4k",
-            "--size=16M",
-            "--offset=32M",
-            "--iodepth=16",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-        ]),
-        Duration::from_secs(120),
-    )
-    .assert_success();
-    assert!(out.stdout.contains("err= 0:"), "{}", out.describe());
+    fio_verify(&dir, &uri, "32M");
     let log = srv.stderr();
     if io == "pool" {
         assert!(!log.contains("file IO: io_uring"), "--io=pool used io_uring:\n{log}");
