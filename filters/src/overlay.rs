@@ -448,10 +448,7 @@ pub(crate) fn read_at(
             buf,
             at..at + len,
             file_off,
-            Box::new(move |r, buf| match r {
-                Ok(()) => done.ok(buf),
-                Err(e) => done.err(NbdError::from_io(&e)),
-            }),
+            Box::new(move |r, buf| give_back(done, r, buf)),
         );
     }
     let file = file.clone();
@@ -460,11 +457,16 @@ pub(crate) fn read_at(
             let r = read_full(&file, &mut buf[at..at + len], file_off);
             (buf, r)
         },
-        move |(buf, r): (Vec<u8>, io::Result<()>)| match r {
-            Ok(()) => done.ok(buf),
-            Err(e) => done.err(NbdError::from_io(&e)),
-        },
+        move |(buf, r): (Vec<u8>, io::Result<()>)| give_back(done, r, buf),
     )
+}
+
+/// Complete a store transfer: the buffer back on success, the error as an NBD error.
+fn give_back(done: Done<Vec<u8>>, r: io::Result<()>, buf: Vec<u8>) {
+    match r {
+        Ok(()) => done.ok(buf),
+        Err(e) => done.err(NbdError::from_io(&e)),
+    }
 }
 
 fn read_full(file: &File, mut out: &mut [u8], mut off: u64) -> io::Result<()> {
@@ -504,10 +506,7 @@ pub(crate) fn write_at(
             data,
             at..at + len,
             file_off,
-            Box::new(move |r, data| match r {
-                Ok(()) => done.ok(data),
-                Err(e) => done.err(NbdError::from_io(&e)),
-            }),
+            Box::new(move |r, data| give_back(done, r, data)),
         );
     }
     let file = file.clone();
@@ -516,10 +515,7 @@ pub(crate) fn write_at(
             let r = file.write_all_at(&data[at..at + len], file_off);
             (data, r)
         },
-        move |(data, r): (Vec<u8>, io::Result<()>)| match r {
-            Ok(()) => done.ok(data),
-            Err(e) => done.err(NbdError::from_io(&e)),
-        },
+        move |(data, r): (Vec<u8>, io::Result<()>)| give_back(done, r, data),
     )
 }
 
