@@ -11,6 +11,9 @@ use crate::layer::{Lent, SharedBytes};
 /// Small header bytes are appended to the last owned segment up to this size, so a burst of
 /// small replies needs few iovecs.
 const COALESCE_LIMIT: usize = 64 * 1024;
+/// A new segment for encoded bytes starts with this much room (a structured reply's chunk
+/// header is 20 bytes, an extended one 32).
+const TAIL_CAPACITY: usize = 128;
 
 enum Buf {
     /// Bytes owned by the queue: headers, option replies, or a whole READ buffer.
@@ -87,7 +90,8 @@ impl OutQueue {
             Some(Segment { buf: Buf::Own(v), release: 0, appendable: true, .. }) if v.len() < COALESCE_LIMIT
         );
         if !reuse {
-            let buf = Buf::Own(Vec::new());
+            // Room for a few headers at once: encoding one then never reallocates.
+            let buf = Buf::Own(Vec::with_capacity(TAIL_CAPACITY));
             self.segs.push_back(Segment { buf, start: 0, end: 0, release: 0, appendable: true });
         }
         if let Some(Segment { buf: Buf::Own(v), end, .. }) = self.segs.back_mut() {

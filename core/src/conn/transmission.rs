@@ -358,27 +358,29 @@ impl Conn {
             self.out.mark_release(slot.reserved, &self.budget);
             return;
         }
-        // Runs of data pieces become one data chunk each; runs of holes one hole chunk each.
+        // Runs of data pieces become one data chunk each; runs of holes one hole chunk each. A
+        // run is measured on the pieces still to go (its header comes first), then taken.
         let is_hole = |p: &Lent| !slot.df && matches!(p, Lent::Zero(_));
-        let mut pieces = pieces.into_iter().filter(|p| !p.is_empty()).peekable();
+        let mut rest = pieces.into_iter();
         let mut at = 0usize;
-        while let Some(first) = pieces.next() {
-            let hole = is_hole(&first);
-            let mut run = vec![first];
-            while let Some(p) = pieces.next_if(|p| is_hole(p) == hole) {
-                run.push(p);
-            }
-            let n: usize = run.iter().map(Lent::len).sum();
+        while let Some(hole) = rest.as_slice().iter().find(|p| !p.is_empty()).map(is_hole) {
+            let (count, n) = rest
+                .as_slice()
+                .iter()
+                .take_while(|p| p.is_empty() || is_hole(p) == hole)
+                .fold((0, 0), |(count, n), p| (count + 1, n + p.len()));
             let flags = if at + n == total { REPLY_FLAG_DONE } else { 0 };
             let chunk_at = offset.saturating_add(at as u64);
+            let run = rest.by_ref().take(count);
             if hole {
                 // A read is at most --max-request bytes, far below 2^32.
                 let len = u32::try_from(n).unwrap_or(u32::MAX);
                 self.out.with_tail(|v| encode_offset_hole(v, form, flags, cookie, offset, chunk_at, len));
+                run.for_each(drop);
             } else {
                 self.out
                     .with_tail(|v| encode_offset_data_header(v, form, flags, cookie, offset, chunk_at, n));
-                for p in run {
+                for p in run.filter(|p| !p.is_empty()) {
                     self.out.push_lent(p);
                 }
             }
