@@ -460,7 +460,7 @@ impl Layer for FileLayer {
                 bounce.copy_from_slice(&data);
                 // The payload is copied: its buffer can serve the next request on this loop.
                 blocksmith_core::bufpool::give(data);
-                let (ring2, keep2) = (ring.clone(), self.shared.clone());
+                let after = self.after_ring();
                 return ring.write_direct_at(
                     d.file.as_raw_fd(),
                     uring::keep(self.shared.clone()),
@@ -471,12 +471,7 @@ impl Layer for FileLayer {
                         match r {
                             Err(e) => done.err(io_error("pwrite", &e)),
                             // O_DIRECT is not durability: FUA still syncs.
-                            Ok(()) if fua => ring2.datasync(
-                                fd,
-                                uring::keep(keep2),
-                                Box::new(move |r| done.call(r.map_err(|e| io_error("fdatasync", &e)))),
-                            ),
-                            Ok(()) => done.ok(()),
+                            Ok(()) => after.finish(fua, done),
                         }
                     }),
                 );
@@ -488,7 +483,7 @@ impl Layer for FileLayer {
             });
         }
         if let Some(ring) = self.ring() {
-            let (ring2, keep2) = (ring.clone(), self.shared.clone());
+            let after = self.after_ring();
             return ring.write_all_at(
                 fd,
                 uring::keep(self.shared.clone()),
@@ -496,12 +491,7 @@ impl Layer for FileLayer {
                 offset,
                 Box::new(move |r| match r {
                     Err(e) => done.err(io_error("pwrite", &e)),
-                    Ok(()) if fua => ring2.datasync(
-                        fd,
-                        uring::keep(keep2),
-                        Box::new(move |r| done.call(r.map_err(|e| io_error("fdatasync", &e)))),
-                    ),
-                    Ok(()) => done.ok(()),
+                    Ok(()) => after.finish(fua, done),
                 }),
             );
         }
@@ -511,15 +501,7 @@ impl Layer for FileLayer {
     fn flush(&self, _flags: Flags, done: Done<()>) {
         // fdatasync on the buffered descriptor covers what went through the direct one too: it
         // is the same file, and the device's write cache is flushed either way.
-        if let Some(ring) = uring::for_loop(&self.sched) {
-            let fd = self.shared.file.as_raw_fd();
-            return ring.datasync(
-                fd,
-                uring::keep(self.shared.clone()),
-                Box::new(move |r| done.call(r.map_err(|e| io_error("fdatasync", &e)))),
-            );
-        }
-        self.offload(done, |sh| sh.flush())
+        self.after_ring().finish(true, done)
     }
 
     fn trim(&self, count: u64, offset: u64, flags: Flags, done: Done<()>) {

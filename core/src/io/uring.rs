@@ -105,6 +105,16 @@ enum ReadInto {
     Direct(AlignedBuf, DirectReadDone),
 }
 
+impl ReadInto {
+    /// Hand the buffer back to its completion with `r`.
+    fn finish(self, r: io::Result<()>) {
+        match self {
+            ReadInto::Buffered(buf, done) => done(r, buf),
+            ReadInto::Direct(buf, done) => done(r, buf),
+        }
+    }
+}
+
 /// What a write sends. Held until the completion is reaped, then dropped (an aligned buffer
 /// goes back to this loop's pool).
 enum WriteFrom {
@@ -226,18 +236,9 @@ impl Uring {
         filled: usize,
         done: ReadDone,
     ) {
-        if filled >= buf.len() {
-            return done(Ok(()), buf);
-        }
-        let (pos, end) = (offset + filled as u64, buf.len());
-        let kind = Kind::Read {
-            pos,
-            at: filled,
-            end,
-            past_eof: PastEof::Error,
-            into: ReadInto::Buffered(buf, done),
-        };
-        self.start(Op { fd, _keep: keep, kind });
+        let end = buf.len();
+        let pos = offset + filled as u64;
+        self.read(fd, keep, ReadInto::Buffered(buf, done), filled..end, pos, PastEof::Error)
     }
 
     /// Read `buf[range]` from `offset` on. Bytes past the end of the file read as zeroes (a
@@ -251,18 +252,10 @@ impl Uring {
         offset: u64,
         done: ReadDone,
     ) {
-        if range.is_empty() || range.end > buf.len() {
-            let r = if range.end > buf.len() {
-                Err(io::Error::from(io::ErrorKind::InvalidInput))
-            } else {
-                Ok(())
-            };
-            return done(r, buf);
+        if range.end > buf.len() {
+            return done(Err(io::Error::from(io::ErrorKind::InvalidInput)), buf);
         }
-        let into = ReadInto::Buffered(buf, done);
-        let kind =
-            Kind::Read { pos: offset, at: range.start, end: range.end, past_eof: PastEof::Zeroes, into };
-        self.start(Op { fd, _keep: keep, kind });
+        self.read(fd, keep, ReadInto::Buffered(buf, done), range, offset, PastEof::Zeroes)
     }
 
     /// Read exactly `buf.len()` bytes at `offset` from an O_DIRECT descriptor (`offset` and the
@@ -275,17 +268,24 @@ impl Uring {
         offset: u64,
         done: DirectReadDone,
     ) {
-        if buf.is_empty() {
-            return done(Ok(()), buf);
-        }
         let end = buf.len();
-        let kind = Kind::Read {
-            pos: offset,
-            at: 0,
-            end,
-            past_eof: PastEof::Error,
-            into: ReadInto::Direct(buf, done),
-        };
+        self.read(fd, keep, ReadInto::Direct(buf, done), 0..end, offset, PastEof::Error)
+    }
+
+    /// Read into `into[range]` from file offset `pos` on (an empty range completes at once).
+    fn read(
+        self: &Rc<Self>,
+        fd: RawFd,
+        keep: Box<dyn Any>,
+        into: ReadInto,
+        range: Range<usize>,
+        pos: u64,
+        past_eof: PastEof,
+    ) {
+        if range.is_empty() {
+            return into.finish(Ok(()));
+        }
+        let kind = Kind::Read { pos, at: range.start, end: range.end, past_eof, into };
         self.start(Op { fd, _keep: keep, kind });
     }
 
@@ -450,8 +450,7 @@ impl Uring {
         let op = self.ops.borrow_mut().try_remove(key);
         if let Some(op) = op {
             match op.kind {
-                Kind::Read { into: ReadInto::Buffered(buf, done), .. } => done(r, buf),
-                Kind::Read { into: ReadInto::Direct(buf, done), .. } => done(r, buf),
+                Kind::Read { into, .. } => into.finish(r),
                 Kind::Write { from, done, .. } => from.finish(r, done),
                 Kind::Fsync { done } | Kind::Fallocate { done, .. } => done(r),
             }
