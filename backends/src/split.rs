@@ -14,8 +14,6 @@
 //! after the write, and since all connections share the same descriptors (and a flush syncs
 //! them all) multi-conn is advertised.
 
-mod sys;
-
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -113,7 +111,7 @@ impl Shared {
             let len = f.metadata().map_err(|e| io_error("fstat", &e))?.len();
             map.starts.push(map.size);
             map.sizes.push(len);
-            map.seekable.push(sys::seek(f, 0, libc::SEEK_DATA).is_ok());
+            map.seekable.push(crate::file::sys::seek(f, 0, libc::SEEK_DATA).is_ok());
             map.size =
                 map.size.checked_add(len).filter(|&s| s <= i64::MAX as u64).ok_or_else(|| {
                     NbdError::io(format!("{NAME}: the files add up to more than 2^63-1 bytes"))
@@ -158,7 +156,7 @@ impl Shared {
                 let mut pos = p.foff;
                 while pos < end && steps < MAX_SEEK_STEPS {
                     steps += 1;
-                    let data = sys::seek(f, pos, libc::SEEK_DATA)
+                    let data = crate::file::sys::seek(f, pos, libc::SEEK_DATA)
                         .map_err(|e| io_error("lseek SEEK_DATA", &e))?
                         .map_or(end, |d| d.min(end));
                     if data > pos {
@@ -171,7 +169,7 @@ impl Shared {
                     if pos >= end {
                         break;
                     }
-                    let hole = sys::seek(f, pos, libc::SEEK_HOLE)
+                    let hole = crate::file::sys::seek(f, pos, libc::SEEK_HOLE)
                         .map_err(|e| io_error("lseek SEEK_HOLE", &e))?
                         .map_or(end, |h| h.min(end));
                     if hole > pos {

@@ -23,7 +23,8 @@
 
 mod direct;
 mod shared;
-mod sys;
+// Also the split backend's SEEK_DATA/SEEK_HOLE.
+pub(crate) mod sys;
 #[cfg(test)]
 mod tests;
 
