@@ -7,7 +7,8 @@
 //!
 //! Adding a backend = adding a module and a row in [`REGISTRY`].
 
-// `unsafe` is confined to system-call wrappers (`file::sys`, also used by `split`, and `script::sys`), which opt back in;
+// `unsafe` is confined to system-call wrappers (`file::sys`, which `split` uses too, and `script::sys`),
+// which opt back in;
 // each block there must say why it is sound.
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
