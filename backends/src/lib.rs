@@ -8,8 +8,7 @@
 //! Adding a backend = adding a module and a row in [`REGISTRY`].
 
 // `unsafe` is confined to system-call wrappers (`file::sys`, which `split` uses too, and `script::sys`),
-// which opt back in;
-// each block there must say why it is sound.
+// which opt back in; each block there must say why it is sound.
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
