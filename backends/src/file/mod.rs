@@ -280,8 +280,7 @@ impl FileLayer {
         done: Done<T>,
         work: impl FnOnce(&Shared) -> Result<T, NbdError> + Send + 'static,
     ) {
-        let shared = self.shared.clone();
-        self.sched.blocking(move || work(&shared), move |r| done.call(r));
+        self.after_ring().offload(done, work)
     }
 
     /// The page-cache fast path: copy what is cached right here, without waiting. Returns how
