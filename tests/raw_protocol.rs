@@ -335,6 +335,121 @@ fn oversize_write_header_gets_einval_and_close() {
 }
 
 #[test]
+fn small_maximum_is_advertised_unasked_and_writes_over_it_are_read_past() {
+    // §M items 127 and 129: `--max-request 1M` is stricter than the spec's default maximum
+    // (32 MiB), so GO tells a client that did not ask; a WRITE over it but within 32 MiB gets
+    // EINVAL with its payload read past, and the connection lives on.
+    let srv = Server::unix(&["--max-request", "1M", "memory", "4M"]);
+    let mut c = srv.raw();
+    c.start();
+    c.send_opt(raw::OPT_GO, &Conn::info_data("", &[]));
+    let mut infos = Vec::new();
+    loop {
+        let r = c.opt_reply();
+        match r.typ {
+            raw::REP_INFO => infos.push(r.data),
+            raw::REP_ACK => break,
+            t => panic!("GO failed with {t:#x}"),
+        }
+    }
+    let block_size = infos.iter().find(|d| d[..2] == raw::INFO_BLOCK_SIZE.to_be_bytes());
+    let block_size = block_size.unwrap_or_else(|| panic!("no NBD_INFO_BLOCK_SIZE among {infos:?}"));
+    let word = |i: usize| u32::from_be_bytes(block_size[2 + 4 * i..6 + 4 * i].try_into().unwrap());
+    assert_eq!((word(0), word(1), word(2)), (1, 4096, 1 << 20), "minimum, preferred, maximum");
+
+    // The payload looks like READ requests: it must be skipped, not parsed.
+    let fake = Conn::request_bytes(0, raw::CMD_READ, 666, 0, 16);
+    let payload: Vec<u8> = fake.iter().cycle().take(2 << 20).copied().collect();
+    c.request(0, raw::CMD_WRITE, 1, 0, payload.len() as u32);
+    c.send(&payload);
+    assert_eq!(c.simple_reply(), (raw::EINVAL, 1), "WRITE over the maximum");
+    c.request(0, raw::CMD_READ, 2, 0, 16);
+    assert_eq!(c.simple_reply(), (0, 2), "next request after the refused write");
+    assert_eq!(c.recv(16), vec![0u8; 16], "the refused write changed the disk");
+}
+
+#[test]
+fn zero_length_write_succeeds() {
+    let srv = Server::unix(&["memory", "1M"]);
+    let mut c = srv.raw();
+    c.handshake();
+    c.request(0, raw::CMD_WRITE, 1, 4096, 0);
+    assert_eq!(c.simple_reply(), (0, 1), "zero-length WRITE");
+    c.request(0, raw::CMD_FLUSH, 2, 0, 0);
+    assert_eq!(c.simple_reply(), (0, 2), "the stream stays in step");
+}
+
+#[test]
+fn sigterm_answers_requests_in_flight_and_refuses_new_ones_with_eshutdown() {
+    // §E item 68: on shutdown, requests in flight complete; new ones get ESHUTDOWN; then the
+    // server closes the connection and exits.
+    let mut srv = Server::unix(&["--filter=delay", "memory", "1M", "rdelay=1s"]);
+    let mut c = srv.raw();
+    c.handshake();
+    c.request(0, raw::CMD_READ, 1, 0, 512);
+    thread::sleep(Duration::from_millis(200));
+    common::signal(srv.pid(), common::Signal::TERM);
+    thread::sleep(Duration::from_millis(300));
+    c.request(0, raw::CMD_WRITE, 2, 0, 512);
+    c.send(&[0x25; 512]);
+    c.request(0, raw::CMD_FLUSH, 3, 0, 0);
+    assert_eq!(c.simple_reply(), (raw::ESHUTDOWN, 2), "WRITE sent after SIGTERM");
+    assert_eq!(c.simple_reply(), (raw::ESHUTDOWN, 3), "FLUSH sent after SIGTERM");
+    assert_eq!(c.simple_reply(), (0, 1), "the READ in flight at SIGTERM");
+    assert_eq!(c.recv(512), vec![0u8; 512]);
+    let rest = c.expect_closed(Duration::from_secs(10));
+    assert!(rest.is_empty(), "bytes after the last reply: {rest:?}");
+    let st = srv.wait_exit(Duration::from_secs(10)).expect("server still running 10 s after SIGTERM");
+    assert!(st.success(), "exit status {st}\n{}", srv.stderr());
+}
+
+#[test]
+fn file_shrinking_under_queued_sendfile_replies_drops_the_connection() {
+    // §L items 96 and 99: a simple reply's header promises the data. Large cached `file` reads
+    // are queued as file ranges and sent with sendfile later; if the file shrinks meanwhile,
+    // the data cannot be sent as promised, and the only honest end is a hard disconnect:
+    // every reply that arrives whole is right, and nothing follows the broken one.
+    let dir = common::TempDir::new("shrink");
+    let path = dir.join("disk.img");
+    const MIB: usize = 1 << 20;
+    let data = common::write_random_file(&path, 8 * MIB, 99);
+    let mut srv = Server::unix(&["file", &path.display().to_string()]);
+    let mut c = srv.raw();
+    c.handshake();
+    // Eight 1 MiB reads in one write, not read back yet: the socket buffer takes a fraction of
+    // one, and the rest wait in the server's queue as file ranges. The first reply's header
+    // shows the server has taken them all (one turn of its loop).
+    let mut reads = Vec::new();
+    for i in 0..8u64 {
+        reads.extend(Conn::request_bytes(0, raw::CMD_READ, i + 1, i * MIB as u64, MIB as u32));
+    }
+    c.send(&reads);
+    let mut got = c.recv(16);
+    thread::sleep(Duration::from_millis(100));
+    std::fs::OpenOptions::new().write(true).open(&path).expect("open").set_len(0).expect("truncate");
+    got.extend(c.expect_closed(Duration::from_secs(10)));
+    let mut pos = 0;
+    let mut whole = 0;
+    while let Some((err, cookie, at)) = raw::parse_simple_reply(&got, pos) {
+        assert_eq!((err, cookie), (0, whole + 1), "reply {whole}");
+        if got.len() < at + MIB {
+            break; // cut off: the disconnect
+        }
+        let offset = whole as usize * MIB;
+        common::assert_same_bytes("a whole reply", &data[offset..offset + MIB], &got[at..at + MIB]);
+        whole += 1;
+        pos = at + MIB;
+    }
+    assert!(whole < 8, "all eight replies arrived whole from a truncated file");
+    assert!(got.len() < pos + 16 + MIB, "bytes after the broken reply");
+    // The server lives on, serving the file as it now is.
+    srv.assert_alive();
+    assert_eq!(srv.raw().handshake().0, 0, "size of the emptied file");
+    let log = srv.stderr();
+    assert!(log.contains("sendfile: the file ended early; disconnecting"), "server log:\n{log}");
+}
+
+#[test]
 fn oversize_read_gets_einval_and_connection_survives() {
     let srv = Server::unix(&["memory", "1G"]);
     let mut c = srv.raw();

@@ -199,12 +199,13 @@ fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize, u
     })
 }
 
-/// A new page holding `src` at `at` and zeroes around it. ENOMEM when a page's worth of memory
-/// cannot be had, rather than aborting the whole server.
+/// A new page holding `src` at `at` and zeroes around it. ENOSPC when a page's worth of memory
+/// cannot be had, rather than aborting the whole server: the write went to a hole, which
+/// block status reports as allowed to fail that way (the spec asks servers to avoid ENOMEM).
 fn new_page(at: usize, src: &[u8]) -> Result<Page, NbdError> {
     let page = PAGE_SIZE as usize;
     let mut v: Vec<u8> = Vec::new();
-    v.try_reserve_exact(page).map_err(|_| NbdError::msg(Errno::NoMem, "memory: cannot allocate a page"))?;
+    v.try_reserve_exact(page).map_err(|_| NbdError::msg(Errno::NoSpc, "memory: cannot allocate a page"))?;
     if at == 0 && src.len() == page {
         // A whole page written: no zeroes to fill in.
         v.extend_from_slice(src);

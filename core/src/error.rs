@@ -47,12 +47,13 @@ impl Errno {
         }
     }
 
-    /// Map a host errno (from a syscall) onto the NBD set, as nbdkit does.
+    /// Map a host errno (from a syscall) onto the NBD set, as nbdkit does, except that a host
+    /// ENOMEM becomes EIO: the spec asks servers not to send ENOMEM if at all possible. (An
+    /// ENOMEM chosen by name, in the error filter or a script, still goes out as chosen.)
     pub fn from_host(e: i32) -> Errno {
         match e {
             libc::EPERM | libc::EROFS | libc::EACCES => Errno::Perm,
-            libc::EIO => Errno::Io,
-            libc::ENOMEM => Errno::NoMem,
+            libc::EIO | libc::ENOMEM => Errno::Io,
             libc::ENOSPC | libc::EDQUOT | libc::EFBIG => Errno::NoSpc,
             libc::EOVERFLOW => Errno::Overflow,
             libc::ENOTSUP => Errno::NotSup,

@@ -41,6 +41,7 @@ pub const REP_ERR_POLICY: u32 = 0x8000_0002;
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
 
 pub const INFO_EXPORT: u16 = 0;
+pub const INFO_BLOCK_SIZE: u16 = 3;
 
 pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;
@@ -57,6 +58,7 @@ pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const EINVAL: u32 = 22;
 pub const EPERM: u32 = 1;
 pub const ENOSPC: u32 = 28;
+pub const ESHUTDOWN: u32 = 108;
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -597,7 +597,9 @@ impl Conn {
     pub fn is_finished(&self) -> bool {
         self.finished
             || self.violation.is_some()
-            || (self.closing && self.slots.count == 0 && matches!(self.instate, InState::Idle))
+            || ((self.closing || self.shutting_down && self.phase == Phase::Transmission)
+                && self.slots.count == 0
+                && matches!(self.instate, InState::Idle))
     }
 
     pub fn in_transmission(&self) -> bool {
@@ -608,13 +610,11 @@ impl Conn {
         self.slots.count
     }
 
-    /// The server is shutting down: answer further options with NBD_REP_ERR_SHUTDOWN, stop
-    /// reading requests, finish those in flight, then finish.
+    /// The server is shutting down: answer further options with NBD_REP_ERR_SHUTDOWN; finish
+    /// the requests in flight, answering any that arrive meanwhile with ESHUTDOWN (§E item 68);
+    /// then finish.
     pub fn shutdown(&mut self) {
         self.shutting_down = true;
-        if self.phase == Phase::Transmission {
-            self.closing = true;
-        }
     }
 
     /// The driver has flushed the STARTTLS ACK and put a TLS session in place: from now on

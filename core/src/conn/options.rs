@@ -343,9 +343,11 @@ impl Conn {
                     encode_info_string(v, code, INFO_DESCRIPTION, d);
                 }
             }
-            // Sent unasked too when the export needs more than byte alignment: the spec makes
-            // advertising constraints stricter than the defaults mandatory.
-            if infos.contains(&INFO_BLOCK_SIZE) || ex.min_block > 1 {
+            // Sent unasked too when the export needs more than byte alignment or takes less
+            // than the default payload: the spec makes advertising constraints stricter than
+            // the defaults mandatory.
+            let stricter = ex.min_block > 1 || ex.max_payload < DEFAULT_MAX_PAYLOAD;
+            if infos.contains(&INFO_BLOCK_SIZE) || stricter {
                 encode_info_block_size(v, code, ex.min_block, ex.preferred_block, ex.max_payload);
             }
             encode_rep_ack(v, code);

@@ -150,12 +150,24 @@ impl Conn {
             return Plan::Disc;
         }
         let max = self.max_payload();
-        if payload > max {
-            return Plan::Close(NbdError::inval(format!(
-                "payload of {payload} bytes is larger than the maximum of {max}"
-            )));
-        }
         let refuse = |msg: String| Plan::Refuse { payload, err: NbdError::inval(msg) };
+        if payload > max {
+            let msg = format!("payload of {payload} bytes is larger than the maximum of {max}");
+            // Up to the size a client may send unasked, the payload is read past and the
+            // connection lives on (§M item 129: not a denial of service). Larger, or declared
+            // with PAYLOAD_LEN beyond what was advertised, it is one.
+            if payload <= u64::from(DEFAULT_MAX_PAYLOAD) && !payload_flag {
+                return refuse(msg);
+            }
+            return Plan::Close(NbdError::inval(msg));
+        }
+        if self.shutting_down {
+            // §E item 68: requests in flight finish; new ones get ESHUTDOWN (payload read past).
+            return Plan::Refuse {
+                payload,
+                err: NbdError::msg(Errno::Shutdown, "the server is shutting down"),
+            };
+        }
         let known = CMD_FLAG_FUA
             | CMD_FLAG_NO_HOLE
             | CMD_FLAG_DF
@@ -235,7 +247,7 @@ impl Conn {
         }
         let (cookie, offset) = (slot.cookie, slot.offset);
         match (slot.cmd, r) {
-            (_, Err(e)) => self.reply_error(cookie, offset, &e, slot.reserved),
+            (_, Err(e)) => self.reply_error(cookie, offset, &for_the_wire(&slot, e), slot.reserved),
             (CMD_READ, Ok(Outcome::Data(buf))) if buf.len() as u64 == slot.count => {
                 self.reply_read(&slot, buf)
             }
@@ -424,6 +436,22 @@ impl Conn {
             }
         });
         self.out.mark_release(slot.reserved, &self.budget);
+    }
+}
+
+/// A layer's error as the client may see it (§M item 133, and what nbdkit sends): ENOTSUP
+/// only for a FAST_ZERO write-zeroes and EOVERFLOW only for a DF read; anywhere else either
+/// means the request was not acceptable, EINVAL. The message stays.
+fn for_the_wire(slot: &Slot, e: NbdError) -> NbdError {
+    let fits = match e.errno {
+        Errno::NotSup => slot.cmd == CMD_WRITE_ZEROES && slot.flags.contains(Flags::FAST_ZERO),
+        Errno::Overflow => slot.cmd == CMD_READ && slot.df,
+        _ => true,
+    };
+    if fits {
+        e
+    } else {
+        NbdError { errno: Errno::Inval, message: e.message }
     }
 }
 

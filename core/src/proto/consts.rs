@@ -159,5 +159,9 @@ pub const EXTENDED_REPLY_HEADER_LEN: usize = 32;
 pub const ZEROES_LEN: usize = 124;
 /// Longest string the spec allows (names, descriptions, messages).
 pub const MAX_STRING_LEN: usize = 4096;
+/// The payload a client may send when nothing else was advertised (§M item 125): a server
+/// that accepts less must say so with NBD_INFO_BLOCK_SIZE, and should not take a payload up
+/// to this size for a denial of service.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 /// The only metadata context we implement.
 pub const BASE_ALLOCATION: &str = "base:allocation";

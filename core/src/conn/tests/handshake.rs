@@ -158,6 +158,22 @@ fn block_size_is_sent_unasked_when_the_export_needs_alignment() {
 }
 
 #[test]
+fn block_size_is_sent_unasked_when_the_maximum_is_under_32_mib() {
+    // The default maximum (64 MiB) is looser than the spec's default (32 MiB): nothing unasked.
+    let mut h = H::default_h();
+    h.start();
+    h.opt(OPT_INFO, &encode_info_request("", &[]));
+    assert_eq!(h.opt_replies().len(), 2, "INFO_EXPORT and ACK");
+    // `--max-request 1M` is stricter than the default: the client must be told.
+    let mut h = H::new(ConnConfig { max_request: 1 << 20, ..ConnConfig::default() });
+    h.start();
+    h.opt(OPT_GO, &encode_info_request("", &[]));
+    let r = h.opt_replies();
+    assert_eq!(r.len(), 3);
+    assert_eq!(r[1].2, [0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0x10, 0, 0]);
+}
+
+#[test]
 fn go_to_an_unknown_export_fails_and_negotiation_continues() {
     let mut h = H::default_h();
     h.start();

@@ -272,6 +272,14 @@ impl H {
         self.settle();
     }
 
+    /// Complete the held request at index `i` (in arrival order) with `res` instead of
+    /// executing it.
+    pub fn finish(&mut self, i: usize, res: Result<Outcome, NbdError>) {
+        let r = self.held.remove(i);
+        self.conn.handle_result(r.id, res);
+        self.settle();
+    }
+
     pub fn complete_all(&mut self) {
         while !self.held.is_empty() {
             self.complete(0);

@@ -119,13 +119,30 @@ fn oversized_read_is_refused_and_the_connection_continues() {
 }
 
 #[test]
-fn oversized_write_is_refused_then_the_connection_closes() {
+fn write_over_the_maximum_but_within_32_mib_is_refused_and_the_connection_lives_on() {
+    // §M item 129: a payload up to 32 MiB is not a denial of service, whatever was advertised.
+    let mut h = H::new(ConnConfig { max_request: 1 << 20, ..ConnConfig::default() });
+    h.start();
+    h.go("");
+    let before = h.disk.clone();
+    let mut v = h.req_bytes(CMD_WRITE, 0, 2, 0, 2 << 20);
+    v.resize(v.len() + (2 << 20), 0x25);
+    h.send(&v);
+    h.req(CMD_READ, 0, 3, 0, 512);
+    assert_eq!(h.reply(2), Err(EINVAL));
+    assert_eq!(h.read_reply(3, 0, 512).unwrap(), h.disk[..512], "the payload was read past");
+    assert!(h.disk == before, "and never written");
+    assert!(!h.conn.is_finished() && !h.conn.is_aborted());
+}
+
+#[test]
+fn write_over_32_mib_and_the_maximum_is_refused_then_the_connection_closes() {
     let mut h = H::new(ConnConfig { max_request: 1 << 20, ..ConnConfig::default() });
     h.start();
     h.go("");
     h.auto_requests = false;
     h.req(CMD_READ, 0, 1, 0, 512);
-    let mut v = h.req_bytes(CMD_WRITE, 0, 2, 0, 2 << 20);
+    let mut v = h.req_bytes(CMD_WRITE, 0, 2, 0, 33 << 20);
     v.extend_from_slice(&[0x25; 4096]);
     h.send(&v);
     assert_eq!(h.held.len(), 1, "the write never reaches a layer");
@@ -430,13 +447,51 @@ fn dropping_the_connection_returns_its_budget() {
 fn shutdown_in_transmission_finishes_requests_in_flight() {
     let mut h = H::simple();
     h.auto_requests = false;
+    let before = h.disk.clone();
     h.req(CMD_READ, 0, 1, 0, 512);
     h.conn.shutdown();
-    assert!(!h.conn.wants_read());
+    assert!(!h.conn.is_finished());
+    // Requests arriving meanwhile are refused with ESHUTDOWN, a WRITE's payload read past.
+    h.req(CMD_READ, 0, 2, 0, 512);
+    h.write(0, 3, 0, &[0x25; 4096]);
+    assert_eq!(h.held.len(), 1, "only the first request reaches a layer");
+    assert_eq!(h.reply(2), Err(ESHUTDOWN));
+    assert_eq!(h.reply(3), Err(ESHUTDOWN));
     assert!(!h.conn.is_finished());
     h.complete_all();
     assert!(h.conn.is_finished());
     assert_eq!(h.read_reply(1, 0, 512).unwrap(), h.disk[..512]);
+    assert!(h.disk == before, "the refused WRITE was never executed");
+}
+
+#[test]
+fn shutdown_with_nothing_in_flight_finishes_at_once() {
+    let mut h = H::structured();
+    h.conn.shutdown();
+    assert!(h.conn.is_finished());
+    assert!(!h.conn.is_aborted());
+}
+
+#[test]
+fn layer_errors_the_spec_reserves_become_einval() {
+    // ENOTSUP only for FAST_ZERO, EOVERFLOW only for DF reads (§M item 133).
+    let mut h = H::structured();
+    h.auto_requests = false;
+    h.req(CMD_TRIM, 0, 1, 0, 512);
+    h.req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 2, 0, 512);
+    h.req(CMD_READ, 0, 3, 0, 512);
+    h.req(CMD_READ, CMD_FLAG_DF, 4, 0, 512);
+    assert_eq!(h.held.len(), 4);
+    let fail = |errno| Err(NbdError::msg(errno, "no"));
+    for errno in [Errno::NotSup, Errno::NotSup, Errno::Overflow, Errno::Overflow] {
+        h.finish(0, fail(errno));
+    }
+    for (cookie, want) in [(1, EINVAL), (2, ENOTSUP), (3, EINVAL), (4, EOVERFLOW)] {
+        let (c, p) = h.chunk();
+        assert_eq!((c.cookie, c.typ), (cookie, REPLY_TYPE_ERROR));
+        assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), want, "request {cookie}");
+        assert_eq!(&p[6..], b"no", "the message stays");
+    }
 }
 
 #[test]
