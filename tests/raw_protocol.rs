@@ -369,6 +369,27 @@ fn small_maximum_is_advertised_unasked_and_writes_over_it_are_read_past() {
 }
 
 #[test]
+fn blocksize_write_disconnect_drops_the_client() {
+    // nbdkit-blocksize-policy-filter: a write over blocksize-write-disconnect ends the
+    // connection (nbdkit_disconnect(true)); smaller writes are served, other clients too.
+    let mut srv =
+        Server::unix(&["--filter=blocksize-policy", "memory", "1M", "blocksize-write-disconnect=4k"]);
+    let mut c = srv.raw();
+    c.handshake();
+    c.request(0, raw::CMD_WRITE, 1, 0, 4096);
+    c.send(&[7; 4096]);
+    assert_eq!(c.simple_reply(), (0, 1), "a write at the limit");
+    c.request(0, raw::CMD_WRITE, 2, 0, 8192);
+    let _ = c.try_send(&[7; 8192]);
+    let got = c.expect_closed(Duration::from_secs(10));
+    // Dropped at once: at most the write's own ESHUTDOWN made it out first.
+    let eshutdown = raw::parse_simple_reply(&got, 0) == Some((raw::ESHUTDOWN, 2, 16)) && got.len() == 16;
+    assert!(got.is_empty() || eshutdown, "bytes after the oversize write: {got:?}");
+    assert!(srv.stderr().contains("disconnecting the client"), "server log:\n{}", srv.stderr());
+    assert_serves(&mut srv);
+}
+
+#[test]
 fn zero_length_write_succeeds() {
     let srv = Server::unix(&["memory", "1M"]);
     let mut c = srv.raw();

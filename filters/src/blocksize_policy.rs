@@ -4,11 +4,10 @@
 //!
 //! Unset values come from the layer below, or, if it advertises nothing, from defaults (minimum
 //! 1, preferred 4096, maximum 4G-1), as nbdkit computes them. `blocksize-write-disconnect=N`
-//! answers writes larger than N with ESHUTDOWN; nbdkit also drops the connection, which a filter
-//! here cannot do (no core hook). When another constraint is configured but no maximum, the
-//! advertised maximum becomes N rounded down to the minimum, and the connection layer already
-//! disconnects a client whose write payload exceeds the advertised maximum, so in that case the
-//! client is dropped as in nbdkit.
+//! drops a client that writes more than N at once, as nbdkit does: the write fails with
+//! ESHUTDOWN and the connection is closed at once (`OpenCx::disconnect`, forced). When another
+//! constraint is configured but no maximum, the advertised maximum becomes N rounded down to the
+//! minimum.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -16,8 +15,8 @@ use std::sync::Arc;
 use blocksmith_core::config::{parse_size, Params};
 use blocksmith_core::error::{ConfigError, Errno, NbdError};
 use blocksmith_core::layer::{
-    BlockSize, Done, ExportInfo, Extents, Filter, FilterFactory, FilterLayer, FilterSpec, Flags, Layer, Next,
-    OpenCx, ParamSpec,
+    BlockSize, Disconnect, Done, ExportInfo, Extents, Filter, FilterFactory, FilterLayer, FilterSpec, Flags,
+    Layer, Next, OpenCx, ParamSpec,
 };
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -163,11 +162,15 @@ fn constraints(c: &Config, below: Option<BlockSize>) -> Result<Option<BlockSize>
 struct PolicyFactory(Config);
 
 impl FilterFactory for PolicyFactory {
-    fn open(&self, _cx: &OpenCx, next: Next) -> Result<Rc<dyn Layer>, NbdError> {
+    fn open(&self, cx: &OpenCx, next: Next) -> Result<Rc<dyn Layer>, NbdError> {
         // Computed once: the layer below's answer is fixed for the connection.
         let block_size = constraints(&self.0, next.info().block_size)?;
-        let filter =
-            PolicyFilter { block_size, error_policy: self.0.error_policy, disconnect: self.0.disconnect };
+        let filter = PolicyFilter {
+            block_size,
+            error_policy: self.0.error_policy,
+            disconnect: self.0.disconnect,
+            client: cx.disconnect.clone(),
+        };
         Ok(Rc::new(FilterLayer { filter, next }))
     }
 }
@@ -176,6 +179,8 @@ struct PolicyFilter {
     block_size: Option<BlockSize>,
     error_policy: bool,
     disconnect: Option<u32>,
+    /// Drops this filter's client (for `blocksize-write-disconnect`).
+    client: Disconnect,
 }
 
 impl PolicyFilter {
@@ -215,7 +220,10 @@ impl Filter for PolicyFilter {
     fn pwrite(&self, next: &Next, data: Vec<u8>, offset: u64, flags: Flags, done: Done<()>) {
         let count = data.len() as u64;
         if let Some(d) = self.disconnect.filter(|d| *d != 0 && count > u64::from(*d)) {
-            ::log::warn!("blocksize-policy: oversize write request ({count} > {d} bytes)");
+            ::log::warn!(
+                "blocksize-policy: oversize write request ({count} > {d} bytes); disconnecting the client"
+            );
+            self.client.request(true);
             return done.err(NbdError::msg(
                 Errno::Shutdown,
                 format!("blocksize-policy: write of {count} bytes is larger than blocksize-write-disconnect ({d})"),
@@ -337,11 +345,14 @@ mod tests {
     fn write_disconnect_fails_oversized_writes() {
         let sim = SimScheduler::new();
         let ram = Ram::new(1 << 20);
-        let top = open(&configure(&SPEC, &[("blocksize-write-disconnect", "4k")]), &cx(&sim), ram).unwrap();
+        let c = cx(&sim);
+        let top = open(&configure(&SPEC, &[("blocksize-write-disconnect", "4k")]), &c, ram).unwrap();
         assert_eq!(top.info().block_size, None, "alone it changes nothing advertised, as in nbdkit");
+        wait(&sim, |d| top.pwrite(vec![0; 4096], 0, Flags::NONE, d)).unwrap();
+        assert_eq!(c.disconnect.requested(), None);
         let e = wait(&sim, |d| top.pwrite(vec![0; 8192], 0, Flags::NONE, d)).unwrap_err();
         assert_eq!(e.errno, Errno::Shutdown);
-        wait(&sim, |d| top.pwrite(vec![0; 4096], 0, Flags::NONE, d)).unwrap();
+        assert_eq!(c.disconnect.requested(), Some(true), "the client is dropped at once");
     }
 
     #[test]
