@@ -402,13 +402,19 @@ fn psk_with_nbdinfo_nbdcopy_and_qemu() {
     common::assert_same_bytes("qemu-img over TLS-PSK", &data, &common::read_file(&back));
 }
 
-/// gnutls-cli through `tests/python/tls_gnutls_cli.py`: "ok ..." or "refused: ...".
+/// gnutls-cli through `tests/python/tls_gnutls_cli.py` with a pre-shared key: "ok ..." or
+/// "refused: ...".
 fn gnutls_cli(srv: &Server, dir: &Path, user: &str, key: &str, priority: &str) -> String {
+    gnutls_cli_with(srv, dir, &format!("psk:{user}:{key}"), priority)
+}
+
+/// The same with `credentials` as the script takes them (`psk:USER:KEY` or `x509:CAFILE`).
+fn gnutls_cli_with(srv: &Server, dir: &Path, credentials: &str, priority: &str) -> String {
     let log = dir.join("gnutls-cli.log");
     let out = run_ok(
         common::python_script("tls_gnutls_cli.py")
             .arg(srv.socket_path())
-            .args([user, key, priority])
+            .args([credentials, priority])
             .arg(&log),
     );
     out.stdout.trim().to_string()
@@ -436,6 +442,60 @@ fn psk_with_gnutls_cli_tls12_and_tls13() {
     assert!(stderr.contains("TLS handshake failed"), "server log:\n{stderr}");
     assert!(stderr.contains("unknown identity \"mallory\""), "server log:\n{stderr}");
     assert!(!stderr.contains(&key), "the key must never be logged");
+}
+
+#[test]
+fn certificates_with_gnutls_cli_tls12_and_tls13_and_nothing_older() {
+    // §F item 78: TLS 1.2 or later with X.509 certificates; TLS 1.1 and older refused.
+    require_gnutls_cli();
+    let pki = Pki::new();
+    let dir = TempDir::new("gnutls-x509");
+    let srv =
+        Server::unix(&["--tls=require", &format!("--tls-certificates={}", pki.arg("srv")), "pattern", "1M"]);
+    let ca = format!("x509:{}", pki.path("cli/ca-cert.pem").display());
+    let first = "00000000000000000000000000000008";
+    let tls13 = gnutls_cli_with(&srv, dir.path(), &ca, "NORMAL:-VERS-ALL:+VERS-TLS1.3");
+    assert!(tls13.starts_with("ok") && tls13.contains("TLS1.3") && tls13.ends_with(first), "{tls13}");
+    let tls12 = gnutls_cli_with(&srv, dir.path(), &ca, "NORMAL:-VERS-ALL:+VERS-TLS1.2");
+    assert!(tls12.starts_with("ok") && tls12.contains("TLS1.2") && tls12.ends_with(first), "{tls12}");
+    for old in ["TLS1.1", "TLS1.0"] {
+        let got = gnutls_cli_with(&srv, dir.path(), &ca, &format!("NORMAL:-VERS-ALL:+VERS-{old}"));
+        assert!(got.starts_with("refused"), "{old}: {got}");
+    }
+    // The refusals were the server's: it saw each handshake and turned it down.
+    let stderr = srv.stderr();
+    assert_eq!(stderr.matches("TLS handshake failed").count(), 2, "server log:\n{stderr}");
+}
+
+#[test]
+fn tls_sessions_end_with_close_notify() {
+    // §E item 67 and §D item 28: after DISC, and after ABORT, the server ends the TLS session
+    // properly before closing; a client sees a clean end of the session, not a truncation.
+    let pki = Pki::new();
+    let srv = cert_server(&pki, "require", &[]);
+    let mut t = starttls(connect(&srv), &pki.path("cli/ca-cert.pem"));
+    t.go();
+    t.send(&raw::Conn::request_bytes(0, raw::CMD_READ, 1, 0, 512));
+    assert_eq!(t.recv(16 + 512).len(), 528);
+    t.send(&raw::Conn::request_bytes(0, raw::CMD_DISC, 2, 0, 0));
+    assert_clean_tls_end(&mut t);
+
+    let mut t = starttls(connect(&srv), &pki.path("cli/ca-cert.pem"));
+    t.opt(raw::OPT_ABORT, &[]);
+    let (opt, _, _) = t.reply();
+    assert_eq!(opt, raw::OPT_ABORT);
+    assert_clean_tls_end(&mut t);
+}
+
+/// The next read ends the TLS stream cleanly: rustls reports end of stream (0 bytes) only after
+/// a close_notify alert, and an error for a connection closed without one.
+fn assert_clean_tls_end(t: &mut Wire<TlsStream>) {
+    let mut buf = [0u8; 64];
+    match t.s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("server sent {n} more bytes: {:02x?}", &buf[..n]),
+        Err(e) => panic!("the session ended without close_notify: {e}"),
+    }
 }
 
 fn require_gnutls_cli() {

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Drive gnutls-cli (GnuTLS's own client) against blocksmith's STARTTLS with a pre-shared key.
+"""Drive gnutls-cli (GnuTLS's own client) against blocksmith's STARTTLS, with a pre-shared key
+or X.509 certificates.
 
 gnutls-cli cannot speak NBD's STARTTLS itself, so a relay in this script does the plaintext
 part: it connects to the server's Unix socket, reads the greeting, sends the client flags and
@@ -8,7 +9,8 @@ and gnutls-cli, which connected to the relay over 127.0.0.1 and does the TLS han
 options and requests after that go through gnutls-cli's stdin and come back on its stdout
 (informational messages go to --logfile), so the whole session runs inside GnuTLS's TLS.
 
-usage: tls_gnutls_cli.py SOCKET USER HEXKEY PRIORITY LOGFILE
+usage: tls_gnutls_cli.py SOCKET CREDENTIALS PRIORITY LOGFILE
+CREDENTIALS is psk:USER:HEXKEY, or x509:CAFILE (the server's certificate must name localhost).
 prints "ok VERSION-LINE" after a GO and a READ of the first 512 bytes, or "refused: ..." if
 the TLS handshake failed (exit 0 in both cases, so the caller asserts on which), exit 1 on
 anything else.
@@ -88,7 +90,16 @@ def read_stdout(proc, n):
 
 
 def main():
-    sock_path, user, key, priority, logfile = sys.argv[1:6]
+    sock_path, credentials, priority, logfile = sys.argv[1:5]
+    kind, _, rest = credentials.partition(":")
+    if kind == "psk":
+        user, _, key = rest.partition(":")
+        credential_args = ["--pskusername", user, "--pskkey", key]
+    elif kind == "x509":
+        credential_args = ["--x509cafile", rest, "--verify-hostname", "localhost"]
+    else:
+        print("unknown credentials", credentials, file=sys.stderr)
+        return 2
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -99,7 +110,7 @@ def main():
     # Errors go to stderr, informational lines to the log file: stdout is only session data.
     errfile = open(logfile + ".err", "wb")
     proc = subprocess.Popen(
-        ["gnutls-cli", "127.0.0.1", "-p", str(port), "--pskusername", user, "--pskkey", key,
+        ["gnutls-cli", "127.0.0.1", "-p", str(port), *credential_args,
          "--priority", priority, "--logfile", logfile],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errfile)
     try:
