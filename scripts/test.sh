@@ -60,4 +60,8 @@ echo "test.sh: cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "test.sh: cargo test (release)"
 cargo test --workspace --release "$@"
+# The io_uring-less fallback must pass the same suite: every server the integration tests start
+# runs again with --io=pool (unless a test picked its IO path itself).
+echo "test.sh: the integration tests again with --io=pool"
+BLOCKSMITH_TEST_IO=pool cargo test --release --test '*' "$@"
 echo "test.sh: all checks passed in $(($(date +%s) - start)) s"

@@ -1,7 +1,8 @@
 //! The IO paths under the server: the `file` backend through io_uring and through the thread
 //! pool (`--io=pool`) passes the same clients, with and without the page-cache fast path, and
-//! with `cache=none` (O_DIRECT); so do the `cow` and `cache` filters' block stores; the memory budget backpressures without deadlocking; thousands
-//! of clients at once are all served.
+//! with `cache=none` (O_DIRECT); so do the `cow` and `cache` filters' block stores; the memory
+//! budget backpressures without deadlocking; thousands of clients at once are all served.
+//! (`scripts/test.sh` also runs every integration test on the pool path: `BLOCKSMITH_TEST_IO`.)
 
 mod common;
 

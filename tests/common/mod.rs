@@ -423,6 +423,20 @@ pub struct Server {
     pub args: Vec<String>,
 }
 
+/// `BLOCKSMITH_TEST_IO=pool` runs the suite on the other IO path: every blocksmith server a
+/// test starts gets `--io=pool` unless the test chose a path itself (`scripts/test.sh` runs
+/// the integration tests twice, once each way).
+fn with_io_path(bin: &Path, mut args: Vec<String>) -> Vec<String> {
+    let chosen = args.iter().any(|a| a == "--io" || a.starts_with("--io="));
+    match std::env::var("BLOCKSMITH_TEST_IO") {
+        Ok(io) if !io.is_empty() && !chosen && bin == server_bin() && !testing_nbdkit() => {
+            args.insert(0, format!("--io={io}"));
+            args
+        }
+        _ => args,
+    }
+}
+
 impl Server {
     /// `blocksmith -f -U DIR/sock ARGS...`
     pub fn unix(args: &[&str]) -> Server {
@@ -493,6 +507,7 @@ impl Server {
     ) -> Result<Server, (String, String)> {
         let stdout_path = dir.join("server.stdout");
         let stderr_path = dir.join("server.stderr");
+        let args = with_io_path(bin, args);
         let mut cmd = Command::new(bin);
         cmd.args(&args)
             .current_dir(dir.path())
