@@ -390,6 +390,43 @@ fn blocksize_write_disconnect_drops_the_client() {
 }
 
 #[test]
+fn accepted_tcp_connections_have_nagle_off() {
+    // §A item 3: small replies must not wait for Nagle's algorithm. The server's own socket is
+    // looked at through pidfd_getfd: the descriptor whose peer is this client.
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let srv = Server::tcp(&["memory", "1M"]);
+    let port = srv.uri().rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse::<u16>().ok());
+    let mut client =
+        std::net::TcpStream::connect(("127.0.0.1", port.expect("port in URI"))).expect("connect");
+    let mut greeting = [0u8; 18];
+    client.read_exact(&mut greeting).expect("greeting");
+    let me = client.local_addr().expect("local address");
+    let pid = rustix::process::Pid::from_raw(srv.pid()).expect("pid");
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).expect("pidfd_open");
+    let mut nodelay = None;
+    for entry in std::fs::read_dir(format!("/proc/{}/fd", srv.pid())).expect("server's descriptors") {
+        let entry = entry.expect("fd entry");
+        let is_socket =
+            std::fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if !is_socket {
+            continue;
+        }
+        let Ok(theirs) = rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+        else {
+            continue;
+        };
+        let peer = rustix::net::getpeername(theirs.as_fd()).ok().flatten();
+        if peer.and_then(|p| std::net::SocketAddr::try_from(p).ok()) == Some(me) {
+            nodelay =
+                Some(rustix::net::sockopt::tcp_nodelay(theirs.as_fd()).expect("getsockopt TCP_NODELAY"));
+        }
+    }
+    assert_eq!(nodelay, Some(true), "TCP_NODELAY on the server's end of the connection (None: not found)");
+}
+
+#[test]
 fn zero_length_write_succeeds() {
     let srv = Server::unix(&["memory", "1M"]);
     let mut c = srv.raw();
