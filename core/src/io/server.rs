@@ -398,7 +398,10 @@ impl Loop {
             id,
             peer,
             layer: None,
-            readable: true,
+            // The server speaks first: nothing can be waiting yet, and a read now would only
+            // return EAGAIN. Registration reports the first bytes (epoll checks readiness when
+            // a descriptor is added, so bytes that came before are not missed either).
+            readable: false,
             writable: true,
             queued: false,
             deadline: None,
