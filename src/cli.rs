@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use blocksmith_core::config::{parse_duration, parse_size, Params};
+use blocksmith_core::limits;
 use blocksmith_core::tls::TlsPolicy;
 use blocksmith_core::ConfigError;
 
@@ -37,6 +38,8 @@ pub struct Options {
     pub io_threads: Option<usize>,
     /// `--io=uring|pool`: how the file backend and the cow/cache stores do their IO.
     pub io_pool: bool,
+    /// `--reply-hold`: how long replies may wait to be batched (`io::moderation`).
+    pub reply_hold: Option<Duration>,
     pub memory_limit: Option<usize>,
     pub max_request: Option<u32>,
     pub ipv4_only: bool,
@@ -65,6 +68,7 @@ const VALUED: &[(&str, Option<char>)] = &[
     ("threads", Some('t')),
     ("io-threads", None),
     ("io", None),
+    ("reply-hold", None),
     ("memory-limit", None),
     ("max-request", None),
     ("mask-handshake", None),
@@ -184,6 +188,13 @@ pub fn parse(args: &[String]) -> Result<Options, ConfigError> {
                     _ => return Err(ConfigError::new(format!("--io: expected uring or pool, got '{v}'"))),
                 }
             }
+            "reply-hold" => {
+                let d = parse_duration(&v).map_err(|e| ConfigError::new(format!("--reply-hold: {e}")))?;
+                if d > limits::MAX_REPLY_HOLD {
+                    return Err(ConfigError::new("--reply-hold: at most 1ms"));
+                }
+                o.reply_hold = Some(d);
+            }
             "memory-limit" => {
                 let n = parse_size(&v).map_err(|e| ConfigError::new(format!("--memory-limit: {e}")))?;
                 o.memory_limit =
@@ -291,6 +302,8 @@ Serve a block device over NBD. Options (nbdkit's):
       --io-threads N       threads for blocking file IO (default 8)
       --io uring|pool      file IO (file backend, cow and cache stores) through io_uring
                            (default, when the kernel has it) or the thread pool
+      --reply-hold TIME    while clients keep several requests in flight, hold each batch of
+                           replies this long so more requests join it (default 50us; 0: never)
       --memory-limit SIZE  budget for request and reply buffers; when spent, clients wait
                            (default: 1/8 of RAM, or of the cgroup's memory limit if lower,
                            between 2 x --max-request and 16G; -v prints it)

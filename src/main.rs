@@ -315,6 +315,7 @@ fn run(opts: Options) -> Result<ExitCode, String> {
         memory_limit,
         readonly: opts.readonly,
         tls: tls.creds.clone(),
+        reply_hold: opts.reply_hold.unwrap_or(limits::DEFAULT_REPLY_HOLD),
     };
     // Recycled payload buffers are part of the memory bound: their pool shrinks with the limit.
     let pooled = blocksmith_core::bufpool::configure(memory_limit, cfg.loops);

@@ -312,6 +312,12 @@ pub fn human_bytes(n: u64) -> String {
 /// Threads in the pool that runs blocking file IO off the event loops (`--io-threads`).
 pub const DEFAULT_IO_THREADS: usize = 8;
 
+/// How long a loop may hold a wake-up's replies while more requests arrive, once clients are
+/// seen keeping several in flight (`--reply-hold`; `io::moderation`).
+pub const DEFAULT_REPLY_HOLD: std::time::Duration = std::time::Duration::from_micros(50);
+/// The longest `--reply-hold` accepted: beyond this the added latency outweighs any batching.
+pub const MAX_REPLY_HOLD: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Jobs queued for the blocking pool before submitters must wait for completions.
 pub const MAX_BLOCKING_QUEUE: usize = 4096;
 

@@ -707,8 +707,15 @@ impl Upstream {
         let l = UnixListener::bind(path).expect("bind upstream socket");
         let control = ServerControl::new();
         let stack = Stack::new(("memory".into(), Arc::new(MemoryFactory::new(size))), vec![]);
-        let cfg =
-            ServerConfig { conn, loops: 1, io_threads: 1, memory_limit: 256 << 20, readonly: false, tls };
+        let cfg = ServerConfig {
+            conn,
+            loops: 1,
+            io_threads: 1,
+            memory_limit: 256 << 20,
+            readonly: false,
+            tls,
+            reply_hold: blocksmith_core::limits::DEFAULT_REPLY_HOLD,
+        };
         let c = control.clone();
         let thread = std::thread::spawn(move || {
             let _ = serve(cfg, stack, vec![Listener::Unix(l)], c);

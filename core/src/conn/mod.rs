@@ -209,10 +209,12 @@ pub struct Conn {
     violation: Option<Violation>,
     /// EOF or ABORT: nothing more will be read or answered.
     finished: bool,
-    /// DISC, shutdown or an oversized WRITE: read no further requests; finish once every
-    /// request in flight has been answered.
+    /// DISC, an oversized WRITE, or a GO completed during shutdown: read no further requests;
+    /// finish once every request in flight has been answered.
     closing: bool,
     shutting_down: bool,
+    /// Request headers acted on so far (for the driver's reply moderation).
+    requests: u64,
     /// A READ/WRITE header is buffered but its budget reservation failed.
     budget_blocked: bool,
     /// This connection's place in the budget's line while it waits (first come, first served).
@@ -424,6 +426,7 @@ impl Conn {
             violation: None,
             finished: false,
             closing: false,
+            requests: 0,
             shutting_down: false,
             budget_blocked: false,
             budget_place: None,
@@ -608,6 +611,11 @@ impl Conn {
 
     pub fn in_flight(&self) -> usize {
         self.slots.count
+    }
+
+    /// Transmission requests received so far (each counted once it is acted on).
+    pub fn requests_received(&self) -> u64 {
+        self.requests
     }
 
     /// The server is shutting down: answer further options with NBD_REP_ERR_SHUTDOWN; finish

@@ -55,6 +55,14 @@ impl Conn {
     /// Act on a request header of `hlen` bytes still at the front of the input buffer. Returns
     /// false (header left buffered) when the request must wait for budget.
     pub(super) fn request_header(&mut self, h: RequestHeader, hlen: usize) -> bool {
+        let acted = self.act_on_header(h, hlen);
+        if acted {
+            self.requests += 1;
+        }
+        acted
+    }
+
+    fn act_on_header(&mut self, h: RequestHeader, hlen: usize) -> bool {
         match self.plan(&h) {
             Plan::Disc => {
                 self.inbuf.consume(hlen);

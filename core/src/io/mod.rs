@@ -6,6 +6,7 @@
 //!   `conn::Conn`, and requests between `Conn` and the layer stack.
 //! - [`transport`]: the byte streams a connection can run over (TCP, Unix, stdin/stdout).
 //! - [`uring`]: file IO through io_uring, one ring per loop, completions on the same loop.
+//! - [`moderation`]: when a loop holds a wake-up's replies for a moment to batch them.
 //! - [`process`]: daemonizing, parent-death signals, and other process plumbing.
 //!
 //! The readiness contract, written once: mio is edge-triggered, so a readable or writable event
@@ -15,6 +16,7 @@
 //! backpressure) back on the run queue rather than waiting for another event that will not come.
 
 pub mod aligned;
+pub mod moderation;
 pub mod process;
 pub mod reactor;
 pub mod server;

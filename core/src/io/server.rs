@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Poll, Token, Waker};
 use slab::Slab;
 
+use super::moderation::Moderation;
 use super::reactor::{readiness, BlockingPool, LoopCore, WATCH_BASE, WATCH_LIMIT};
 use super::transport::Transport;
 use crate::budget::Budget;
@@ -70,6 +71,8 @@ pub struct ServerConfig {
     pub readonly: bool,
     /// Credentials for STARTTLS; required when `conn.tls` is not `Off`.
     pub tls: Option<ServerTls>,
+    /// How long a wake-up's replies may wait for more requests (`--reply-hold`; zero: never).
+    pub reply_hold: Duration,
 }
 
 /// What to serve on.
@@ -183,6 +186,8 @@ struct Slot {
     readable: bool,
     writable: bool,
     queued: bool,
+    /// Served with its replies held this wake-up (`io::moderation`).
+    held: bool,
     deadline: Option<Instant>,
     read_eof: bool,
     /// Finished and half-closed: reading and discarding until the client closes too (or this
@@ -238,6 +243,16 @@ struct Loop {
     shutting_down_since: Option<Instant>,
     /// The other loops, for balancing accepted connections (`None` for `-s`).
     peers: Option<Peers>,
+    /// When to hold replies for a moment (`io::moderation`).
+    moderation: Moderation,
+    /// This serving's replies are held: services read and dispatch, but do not write.
+    hold_writes: bool,
+    /// A connection brought two or more requests in one service this wake-up.
+    pipelined: bool,
+    /// Requests this loop's connections have received (for moderation's accounting).
+    received: u64,
+    /// The most requests one connection sent while its replies were held, this wake-up.
+    arrived_while_held: u64,
 }
 
 /// What the loops share to balance connections: each loop's connection count, and a way to
@@ -284,6 +299,7 @@ impl Loop {
         };
         let core = Rc::new(LoopCore::new(pool, waker, poll.registry().try_clone()?));
         let sched = Sched::new(core.clone());
+        let cfg_hold = cfg.reply_hold;
         Ok(Loop {
             poll,
             core,
@@ -306,6 +322,11 @@ impl Loop {
             budget_turn,
             shutting_down_since: None,
             peers,
+            moderation: Moderation::new(cfg_hold, Instant::now()),
+            hold_writes: false,
+            pipelined: false,
+            received: 0,
+            arrived_while_held: 0,
         })
     }
 
@@ -404,6 +425,7 @@ impl Loop {
             readable: false,
             writable: true,
             queued: false,
+            held: false,
             deadline: None,
             read_eof: false,
             lingering: None,
@@ -467,35 +489,71 @@ impl Loop {
                 Err(e) => return Err(e),
             }
             self.core.tick();
-            for ev in events.iter() {
-                let t = ev.token().0;
-                if t == WAKER.0 {
-                    // Blocking results are drained by run_ready below; connections handed over
-                    // by other loops are taken here.
-                    self.take_handoffs();
-                } else if (WATCH_BASE..WATCH_BASE + WATCH_LIMIT).contains(&t) {
-                    self.core.dispatch_watch(ev.token(), readiness(ev));
-                } else if t < CONN_BASE {
-                    if !self.accept_paused && self.shutting_down_since.is_none() {
-                        self.accept(t - FIRST_LISTENER);
+            let readable = self.take_events(&events);
+            match self.moderation.hold().filter(|_| readable) {
+                Some(hold) => {
+                    // Serve this wake-up with its replies held, let the requests on their way
+                    // arrive, then serve again and send everything (`io::moderation`).
+                    self.hold_writes = true;
+                    self.serve_ready();
+                    self.hold_writes = false;
+                    std::thread::sleep(hold);
+                    if self.poll.poll(&mut events, Some(Duration::ZERO)).is_ok() {
+                        self.take_events(&events);
                     }
-                } else {
-                    let key = (t - CONN_BASE) / 2;
-                    if let Some(s) = self.conns.get_mut(key) {
-                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            s.readable = true;
-                        }
-                        if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
-                            s.writable = true;
-                        }
-                        self.enqueue(key);
-                    }
+                    self.arrived_while_held = 0;
+                    self.serve_ready();
+                    let now = self.core.tick();
+                    self.moderation.held(now, self.received, self.arrived_while_held);
+                }
+                None => {
+                    self.pipelined = false;
+                    self.serve_ready();
+                    let now = self.core.tick();
+                    self.moderation.served(now, self.received, self.pipelined);
                 }
             }
-            self.core.run_ready();
-            self.after_callbacks();
-            self.run_services();
         }
+    }
+
+    /// Note what `events` say is ready (connections go on the run queue). True when some
+    /// connection became readable.
+    fn take_events(&mut self, events: &Events) -> bool {
+        let mut readable = false;
+        for ev in events.iter() {
+            let t = ev.token().0;
+            if t == WAKER.0 {
+                // Blocking results are drained by run_ready below; connections handed over
+                // by other loops are taken here.
+                self.take_handoffs();
+            } else if (WATCH_BASE..WATCH_BASE + WATCH_LIMIT).contains(&t) {
+                self.core.dispatch_watch(ev.token(), readiness(ev));
+            } else if t < CONN_BASE {
+                if !self.accept_paused && self.shutting_down_since.is_none() {
+                    self.accept(t - FIRST_LISTENER);
+                }
+            } else {
+                let key = (t - CONN_BASE) / 2;
+                if let Some(s) = self.conns.get_mut(key) {
+                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        s.readable = true;
+                        readable = true;
+                    }
+                    if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
+                        s.writable = true;
+                    }
+                    self.enqueue(key);
+                }
+            }
+        }
+        readable
+    }
+
+    /// Run what is ready: tasks and completions, then the queued connections.
+    fn serve_ready(&mut self) {
+        self.core.run_ready();
+        self.after_callbacks();
+        self.run_services();
     }
 
     /// Handle what timers and completions left behind.
@@ -734,6 +792,7 @@ impl Loop {
         if self.conns.get(key).is_some_and(|s| s.lingering.is_some()) {
             return self.linger(key, now);
         }
+        let requests_before = self.conns.get(key).map_or(0, |s| s.conn.requests_received());
         {
             let Some(s) = self.conns.get_mut(key) else { return };
             let read = if s.tls_active() { s.read_tls(now) } else { s.read_plain(now) };
@@ -757,6 +816,20 @@ impl Loop {
             // Forced: drop the client without answering what is in flight.
             log::debug!("connection {}: a layer dropped the client", s.id);
             return self.close(key, false);
+        }
+        let received = s.conn.requests_received().saturating_sub(requests_before);
+        self.received += received;
+        if received >= 2 {
+            self.pipelined = true;
+        }
+        if self.hold_writes {
+            // Replies wait for the second serving of this wake-up (`io::moderation`).
+            s.held = true;
+            return self.enqueue(key);
+        }
+        if std::mem::take(&mut s.held) {
+            // What this client sent while its replies waited.
+            self.arrived_while_held = self.arrived_while_held.max(received);
         }
         // Write what is queued.
         let written = if s.tls_active() { s.write_tls() } else { s.write_plain() };
