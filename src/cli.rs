@@ -363,6 +363,16 @@ mod tests {
     }
 
     #[test]
+    fn reply_hold() {
+        assert_eq!(p(&["null"]).unwrap().reply_hold, None, "absent: the default");
+        assert_eq!(p(&["--reply-hold=0", "null"]).unwrap().reply_hold, Some(Duration::ZERO));
+        assert_eq!(p(&["--reply-hold", "80us", "null"]).unwrap().reply_hold, Some(Duration::from_micros(80)));
+        let e = p(&["--reply-hold=5ms", "null"]).unwrap_err().to_string();
+        assert!(e.contains("at most 1ms"), "{e}");
+        assert!(p(&["--reply-hold=soon", "null"]).is_err());
+    }
+
+    #[test]
     fn bad_options() {
         assert!(p(&["--bogus", "memory"]).is_err());
         assert!(p(&["-p"]).is_err());

@@ -44,3 +44,24 @@ fn fio_randwrite_then_verify_all_tcp() {
     let srv = Server::tcp(&["memory", "64M"]);
     fio(&srv.uri(), &["--rw=randwrite", "--do_verify=1"]);
 }
+
+#[test]
+fn replies_held_for_a_deep_queue_client_stay_right() {
+    // Reply moderation (io::moderation) holds a deep-queue client's replies to batch them: a
+    // QD32 mixed load with every block verified runs through the held path, and the log
+    // shows the path was taken. A queue-depth-1 client on a fresh server is never held.
+    let srv = Server::unix(&["-v", "memory", "64M"]);
+    fio(&srv.uri(), &["--rw=randrw", "--iodepth=32", "--size=64M", "--time_based", "--runtime=3"]);
+    let log = srv.stderr();
+    assert!(log.contains("reply moderation: this loop holds replies"), "never held:\n{log}");
+
+    let srv = Server::unix(&["-v", "memory", "64M"]);
+    fio(&srv.uri(), &["--rw=randrw", "--iodepth=1", "--size=8M"]);
+    let log = srv.stderr();
+    assert!(!log.contains("reply moderation: this loop holds"), "a depth-1 client was held:\n{log}");
+
+    // --reply-hold=0: never.
+    let srv = Server::unix(&["-v", "--reply-hold=0", "memory", "64M"]);
+    fio(&srv.uri(), &["--rw=randrw", "--iodepth=32", "--size=64M", "--time_based", "--runtime=2"]);
+    assert!(!srv.stderr().contains("reply moderation: this loop holds"), "{}", srv.stderr());
+}

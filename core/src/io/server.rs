@@ -490,6 +490,7 @@ impl Loop {
             }
             self.core.tick();
             let readable = self.take_events(&events);
+            let holding = self.moderation.hold().is_some();
             match self.moderation.hold().filter(|_| readable) {
                 Some(hold) => {
                     // Serve this wake-up with its replies held, let the requests on their way
@@ -512,6 +513,10 @@ impl Loop {
                     let now = self.core.tick();
                     self.moderation.served(now, self.received, self.pipelined);
                 }
+            }
+            if self.moderation.hold().is_some() != holding {
+                let how = if holding { "stops holding" } else { "holds" };
+                log::debug!("reply moderation: this loop {how} replies for pipelining clients");
             }
         }
     }
