@@ -172,6 +172,16 @@ mod tests {
         arrived: 4,
     };
 
+    /// Queue depth 4: holds are rewarded (three arrive), but the client starves meanwhile: 4
+    /// requests per 150 µs holding against 4 per 80 µs without.
+    const QD4: Load = Load {
+        period: Duration::from_micros(80),
+        batch: 4,
+        held_period: Duration::from_micros(150),
+        held_batch: 4,
+        arrived: 3,
+    };
+
     #[test]
     fn a_client_that_never_pipelines_is_never_held() {
         let mut s = Sim::new();
@@ -198,17 +208,8 @@ mod tests {
 
     #[test]
     fn holding_that_lowers_the_rate_stops_and_backs_off() {
-        // Queue depth 4: holds are rewarded (three arrive), but the client starves meanwhile:
-        // 4 requests per 150 µs holding against 4 per 80 µs without.
         let mut s = Sim::new();
-        let qd4 = Load {
-            period: Duration::from_micros(80),
-            batch: 4,
-            held_period: Duration::from_micros(150),
-            held_batch: 4,
-            arrived: 3,
-        };
-        s.run(&qd4, Duration::from_secs(10));
+        s.run(&QD4, Duration::from_secs(10));
         assert!(s.holds * 100 / s.wakeups < 3, "{} holds in {} wake-ups", s.holds, s.wakeups);
     }
 
@@ -220,14 +221,7 @@ mod tests {
         // The same client now at depth 4 (held batches no longer pay): holding stops within a
         // recheck, and stays mostly off.
         let (holds, wakeups) = (s.holds, s.wakeups);
-        let qd4 = Load {
-            period: Duration::from_micros(80),
-            batch: 4,
-            held_period: Duration::from_micros(150),
-            held_batch: 4,
-            arrived: 3,
-        };
-        s.run(&qd4, Duration::from_secs(5));
+        s.run(&QD4, Duration::from_secs(5));
         let (h, w) = (s.holds - holds, s.wakeups - wakeups);
         assert!(h * 100 / w < 15, "{h} holds in {w} wake-ups");
     }
