@@ -213,7 +213,7 @@ pub struct Conn {
     /// finish once every request in flight has been answered.
     closing: bool,
     shutting_down: bool,
-    /// Request headers acted on so far (for the driver's reply moderation).
+    /// Requests acted on so far, DISC aside (for the driver's reply moderation).
     requests: u64,
     /// A READ/WRITE header is buffered but its budget reservation failed.
     budget_blocked: bool,
@@ -613,7 +613,8 @@ impl Conn {
         self.slots.count
     }
 
-    /// Transmission requests received so far (each counted once it is acted on).
+    /// Transmission requests received so far (each counted once it is acted on; DISC is not
+    /// a request awaiting a reply and is not counted).
     pub fn requests_received(&self) -> u64 {
         self.requests
     }

@@ -56,7 +56,7 @@ impl Conn {
     /// false (header left buffered) when the request must wait for budget.
     pub(super) fn request_header(&mut self, h: RequestHeader, hlen: usize) -> bool {
         let acted = self.act_on_header(h, hlen);
-        if acted {
+        if acted && h.typ != CMD_DISC {
             self.requests += 1;
         }
         acted

@@ -465,6 +465,18 @@ fn shutdown_in_transmission_finishes_requests_in_flight() {
 }
 
 #[test]
+fn requests_received_counts_each_request_once_and_not_disc() {
+    let mut h = H::simple();
+    h.auto_requests = false;
+    assert_eq!(h.conn.requests_received(), 0);
+    h.req(CMD_READ, 0, 1, 0, 512);
+    h.write(0, 2, 0, &[1; 512]);
+    h.req(0x55, 0, 3, 0, 0); // refused, but received
+    h.req(CMD_DISC, 0, 4, 0, 0);
+    assert_eq!(h.conn.requests_received(), 3);
+}
+
+#[test]
 fn shutdown_with_nothing_in_flight_finishes_at_once() {
     let mut h = H::structured();
     h.conn.shutdown();
