@@ -10,8 +10,9 @@
 //! requests are all with the server (queue depth 1, 2 or 4) just waits out the hold. So:
 //! - the loop holds only after it has seen pipelining (a connection bringing two or more
 //!   requests in one wake-up): a queue-depth-1 client is never held;
-//! - a hold during which fewer than two requests arrived ends holding at once (queue depth 2:
-//!   the second of a pair joining the first is no reason to delay every pair);
+//! - a hold during which no held connection sent two more requests ends holding at once
+//!   (queue depth 2: the second of a pair joining the first is no reason to delay every pair;
+//!   and a thousand such clients each sending one more is no reason either);
 //! - holding is a trial against the request rate measured just before it: if the loop serves
 //!   fewer requests per second holding than it did without (queue depth 4, where every hold
 //!   starves the client), it stops; and a hold that passed is put to the test again every
@@ -23,7 +24,7 @@
 
 use std::time::{Duration, Instant};
 
-/// Requests that must arrive during a hold for holding to go on.
+/// Requests one held connection must send during a hold for holding to go on.
 const REWARD: u64 = 2;
 /// The time over which a request rate is measured, holding or not.
 const MEASURE: Duration = Duration::from_millis(10);
@@ -31,6 +32,8 @@ const MEASURE: Duration = Duration::from_millis(10);
 const RECHECK: Duration = Duration::from_millis(500);
 /// Holding must keep at least this share of the rate measured without it.
 const KEEP: f64 = 0.9;
+/// The wait after the first failure (a fruitless hold or a lost trial); it doubles with each
+/// further one, up to `MAX_BACKOFF`, and is reset by a won trial.
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -78,8 +81,8 @@ impl Moderation {
         self.mode = Mode::On { since: now, total, against };
     }
 
-    /// A wake-up whose replies were held: `arrived` of the loop's `total` requests came in
-    /// while they waited.
+    /// A wake-up whose replies were held, at `now`, with `total` requests received by the loop
+    /// so far; `arrived`: the most requests one held connection sent while they waited.
     pub fn held(&mut self, now: Instant, total: u64, arrived: u64) {
         let Mode::On { since, total: at, against } = self.mode else { return };
         let on_for = now.duration_since(since);
