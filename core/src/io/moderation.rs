@@ -19,8 +19,11 @@
 //!   `RECHECK`, since clients change.
 //!
 //! After a failed trial or a fruitless hold the loop waits before trying again, twice as long
-//! each time (from `MIN_BACKOFF` to `MAX_BACKOFF`). This is the decision only (sans-IO, tested
-//! with a made-up clock below); `io::server::Loop` does the holding.
+//! each time (from `MIN_BACKOFF` to `MAX_BACKOFF`). This is the loop's decision only (sans-IO,
+//! tested with a made-up clock below); `io::server::Loop` does the holding, and with it two
+//! per-client rules: only the replies of clients that have pipelined are held, and since the
+//! hold sleeps the loop, none is held while a client that has never pipelined (one waiting on
+//! each reply) has sent a request in the last 10 ms: it would wait out the hold as well.
 
 use std::time::{Duration, Instant};
 

@@ -54,6 +54,9 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 const BUDGET_RETRY: Duration = Duration::from_millis(100);
 /// How long a finished connection waits for the client to close before we close anyway.
 const LINGER: Duration = Duration::from_secs(2);
+/// Replies are held (`io::moderation`) only when no client that waits on each reply has sent a
+/// request for this long: the hold would delay it as well.
+const SHALLOW_QUIET: Duration = Duration::from_millis(10);
 /// How long a shutting-down server waits for in-flight requests before closing anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -188,6 +191,9 @@ struct Slot {
     queued: bool,
     /// Served with its replies held this wake-up (`io::moderation`).
     held: bool,
+    /// Has brought two or more requests in one service: a client that keeps several in
+    /// flight, whose replies moderation may hold. A client that never has waits on each reply.
+    pipelining: bool,
     deadline: Option<Instant>,
     read_eof: bool,
     /// Finished and half-closed: reading and discarding until the client closes too (or this
@@ -253,6 +259,10 @@ struct Loop {
     received: u64,
     /// The most requests one connection sent while its replies were held, this wake-up.
     arrived_while_held: u64,
+    /// Some connection's replies were held this wake-up.
+    held_any: bool,
+    /// When a client that does not pipeline last brought a request (holds wait for quiet).
+    shallow_at: Option<Instant>,
 }
 
 /// What the loops share to balance connections: each loop's connection count, and a way to
@@ -327,6 +337,8 @@ impl Loop {
             pipelined: false,
             received: 0,
             arrived_while_held: 0,
+            held_any: false,
+            shallow_at: None,
         })
     }
 
@@ -426,6 +438,7 @@ impl Loop {
             writable: true,
             queued: false,
             held: false,
+            pipelining: false,
             deadline: None,
             read_eof: false,
             lingering: None,
@@ -495,17 +508,27 @@ impl Loop {
                 Some(hold) => {
                     // Serve this wake-up with its replies held, let the requests on their way
                     // arrive, then serve again and send everything (`io::moderation`).
+                    // Only pipelining clients' replies wait; the others are answered at once.
+                    // The hold sleeps the loop, so a client waiting on each reply that was
+                    // active lately calls it off: it would wait out the hold too.
                     self.hold_writes = true;
+                    self.held_any = false;
                     self.serve_ready();
                     self.hold_writes = false;
-                    std::thread::sleep(hold);
-                    if self.poll.poll(&mut events, Some(Duration::ZERO)).is_ok() {
-                        self.take_events(&events);
-                    }
-                    self.arrived_while_held = 0;
-                    self.serve_ready();
                     let now = self.core.tick();
-                    self.moderation.held(now, self.received, self.arrived_while_held);
+                    let quiet = self.shallow_at.is_none_or(|t| now.duration_since(t) > SHALLOW_QUIET);
+                    if !quiet {
+                        self.serve_ready();
+                    } else if self.held_any {
+                        std::thread::sleep(hold);
+                        if self.poll.poll(&mut events, Some(Duration::ZERO)).is_ok() {
+                            self.take_events(&events);
+                        }
+                        self.arrived_while_held = 0;
+                        self.serve_ready();
+                        let now = self.core.tick();
+                        self.moderation.held(now, self.received, self.arrived_while_held);
+                    }
                 }
                 None => {
                     self.pipelined = false;
@@ -826,10 +849,14 @@ impl Loop {
         self.received += received;
         if received >= 2 {
             self.pipelined = true;
+            s.pipelining = true;
+        } else if received > 0 && !s.pipelining {
+            self.shallow_at = Some(now);
         }
-        if self.hold_writes {
+        if self.hold_writes && s.pipelining {
             // Replies wait for the second serving of this wake-up (`io::moderation`).
             s.held = true;
+            self.held_any = true;
             return self.enqueue(key);
         }
         if std::mem::take(&mut s.held) {
