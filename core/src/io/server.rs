@@ -516,7 +516,7 @@ impl Loop {
                     self.serve_ready();
                     self.hold_writes = false;
                     let now = self.core.tick();
-                    let quiet = self.shallow_at.is_none_or(|t| now.duration_since(t) > SHALLOW_QUIET);
+                    let quiet = self.shallow_at.map_or(true, |t| now.duration_since(t) > SHALLOW_QUIET);
                     if !quiet {
                         self.serve_ready();
                     } else if self.held_any {
