@@ -96,8 +96,8 @@ impl Transport {
 
     pub fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            Transport::Tcp(s) => s.write_vectored(bufs),
-            Transport::Unix(s) => s.write_vectored(bufs),
+            Transport::Tcp(s) => send_vectored(s.as_raw_fd(), bufs),
+            Transport::Unix(s) => send_vectored(s.as_raw_fd(), bufs),
             Transport::Stdio { output, .. } => output.write_vectored(bufs),
         }
     }
@@ -119,6 +119,32 @@ impl Transport {
             Transport::Unix(s) => s.shutdown(std::net::Shutdown::Write),
             Transport::Stdio { .. } => Ok(()),
         };
+    }
+}
+
+/// `sendmsg` rather than `writev` on sockets: the same bytes, without the file layer `writev`
+/// goes through first (a few percent of a small reply's cost in profiles), and with
+/// `MSG_NOSIGNAL`, so a client gone away is an `EPIPE`, never a signal.
+fn send_vectored(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    // The kernel takes at most IOV_MAX pieces per call; the rest go in the next write.
+    const IOV_MAX: usize = 1024;
+    let bufs = &bufs[..bufs.len().min(IOV_MAX)];
+    // SAFETY: an all-zero msghdr is a valid empty message (null pointers with zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is guaranteed ABI-compatible with iovec on Unix; sendmsg only reads the array.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    loop {
+        // SAFETY: `fd` is an open socket borrowed from its owner for the call, and `msg` points
+        // to `bufs.len()` iovecs that stay borrowed until it returns.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
