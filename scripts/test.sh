@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 # dependencies (the openssl crate behind `--tls-psk`); gnutls-bin brings certtool, psktool and
 # gnutls-cli, openssl its command line, for the TLS tests.
 packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit fdisk gnutls-bin openssl libssl-dev pkg-config util-linux)
-tools=(qemu-img qemu-io nbdinfo nbdcopy nbdsh fio nbdkit sfdisk /usr/bin/python3 certtool psktool gnutls-cli openssl pkg-config prlimit)
+tools=(qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdsh fio nbdkit sfdisk /usr/bin/python3 certtool psktool
+       gnutls-cli openssl pkg-config prlimit sh mkfifo dd truncate stat)
 
 missing=()
 for p in "${packages[@]}"; do
