@@ -309,7 +309,7 @@ impl Loop {
         };
         let core = Rc::new(LoopCore::new(pool, waker, poll.registry().try_clone()?));
         let sched = Sched::new(core.clone());
-        let cfg_hold = cfg.reply_hold;
+        let moderation = Moderation::new(cfg.reply_hold, Instant::now());
         Ok(Loop {
             poll,
             core,
@@ -332,7 +332,7 @@ impl Loop {
             budget_turn,
             shutting_down_since: None,
             peers,
-            moderation: Moderation::new(cfg_hold, Instant::now()),
+            moderation,
             hold_writes: false,
             pipelined: false,
             received: 0,
