@@ -22,8 +22,8 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use blocksmith_core::config::Params;
 use blocksmith_core::error::Errno;
 use blocksmith_core::layer::{
-    BackendFactory, BackendSpec, Done, ExportInfo, Extents, Flags, Layer, Lent, OpenCx, ParamSpec, ReadData,
-    SharedBytes, Support, EXTENT_HOLE, EXTENT_ZERO,
+    BackendFactory, BackendSpec, Done, ExportInfo, Extents, Flags, Layer, Lent, LentPieces, OpenCx,
+    ParamSpec, ReadData, SharedBytes, Support, EXTENT_HOLE, EXTENT_ZERO,
 };
 use blocksmith_core::{ConfigError, NbdError};
 
@@ -253,8 +253,8 @@ impl MemoryDisk {
 
     /// The pieces of `count` bytes from `offset`, lent from the pages: present pages shared,
     /// absent ones as holes. The range must lie within the disk (the shim checks).
-    pub fn read_lent(&self, count: usize, offset: u64) -> Vec<Lent> {
-        let mut out: Vec<Lent> = Vec::with_capacity(count.div_ceil(PAGE_SIZE as usize) + 1);
+    pub fn read_lent(&self, count: usize, offset: u64) -> LentPieces {
+        let mut out = LentPieces::new();
         for (idx, at, n, _) in pieces(offset, count) {
             let page = rd(self.shard(idx)).get(&idx).cloned();
             match (page, out.last_mut()) {

@@ -150,7 +150,7 @@ impl Filter for TruncateFilter {
             return next.pread_lent(count, offset, flags, done);
         }
         if n == 0 {
-            return done.ok(ReadData::Lent(vec![Lent::Zero(count)]));
+            return done.ok(ReadData::one(Lent::Zero(count)));
         }
         let tail = count - n;
         next.pread_lent(

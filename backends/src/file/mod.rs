@@ -437,7 +437,7 @@ impl Layer for FileLayer {
             match sys::all_cached(&self.shared.file, offset, count as u64) {
                 Some(true) => {
                     let file = self.shared.file.clone();
-                    return done.ok(ReadData::Lent(vec![Lent::File { file, offset, len: count }]));
+                    return done.ok(ReadData::one(Lent::File { file, offset, len: count }));
                 }
                 Some(false) => {}
                 None => {

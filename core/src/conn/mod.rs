@@ -141,7 +141,7 @@ pub enum Outcome {
     Done,
     Data(Vec<u8>),
     /// READ data lent by the layer, queued without copying.
-    Lent(Vec<crate::layer::Lent>),
+    Lent(crate::layer::LentPieces),
     Extents(Extents),
 }
 

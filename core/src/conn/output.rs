@@ -1,6 +1,7 @@
 //! The output queue: reply bytes waiting for the socket, kept as segments so headers and
 //! payload buffers go out in one vectored write without copying the payload.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::Arc;
@@ -27,6 +28,34 @@ enum Buf {
     /// A file range from `base` (the segment's start and end are relative to it), sent with
     /// `sendfile` by the driver; never part of an iovec.
     File(Arc<std::fs::File>, u64),
+}
+
+/// Written header segments kept per loop thread for the next replies' headers (each
+/// [`TAIL_CAPACITY`] bytes; about 36 KiB in all with the allocator's own overhead). A READ reply
+/// from lent pieces needs a header segment of its own, since nothing may be appended after the
+/// lent data; recycling them keeps the request path free of allocations. 256 covers the replies
+/// one loop has queued and unwritten at a time in a run of 1000 clients; past it a segment is
+/// simply allocated.
+pub const MAX_SPARE_HEADERS: usize = 256;
+
+thread_local! {
+    static SPARE_HEADERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty vector for encoded bytes, recycled when one is spare.
+fn header_buf() -> Vec<u8> {
+    SPARE_HEADERS.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(TAIL_CAPACITY))
+}
+
+/// Keep a written header segment's vector for [`header_buf`], if there is room.
+fn give_header_buf(mut v: Vec<u8>) {
+    v.clear();
+    SPARE_HEADERS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < MAX_SPARE_HEADERS {
+            s.push(v);
+        }
+    });
 }
 
 /// Zero bytes for unallocated ranges read without structured replies.
@@ -57,9 +86,11 @@ impl Segment {
     }
 }
 
-/// A written payload buffer goes back to the pool (a shared one once its last chunk is out).
-fn recycle(buf: Buf) {
+/// A written payload buffer goes back to the pool (a shared one once its last chunk is out), a
+/// header segment's vector to the spare headers.
+fn recycle(buf: Buf, appendable: bool) {
     match buf {
+        Buf::Own(v) if appendable && v.capacity() == TAIL_CAPACITY => give_header_buf(v),
         Buf::Own(v) => crate::bufpool::give(v),
         Buf::Shared(a) => {
             if let Ok(v) = Arc::try_unwrap(a) {
@@ -91,7 +122,7 @@ impl OutQueue {
         );
         if !reuse {
             // Room for a few headers at once: encoding one then never reallocates.
-            let buf = Buf::Own(Vec::with_capacity(TAIL_CAPACITY));
+            let buf = Buf::Own(header_buf());
             self.segs.push_back(Segment { buf, start: 0, end: 0, release: 0, appendable: true });
         }
         if let Some(Segment { buf: Buf::Own(v), end, .. }) = self.segs.back_mut() {
@@ -216,7 +247,7 @@ impl OutQueue {
             n -= avail;
             let release = s.release;
             if let Some(done) = self.segs.pop_front() {
-                recycle(done.buf);
+                recycle(done.buf, done.appendable);
             }
             budget.release(release);
         }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::options::BASE_ALLOCATION_ID;
 use super::{AfterSkip, Conn, Event, InState, Op, Outcome, Request, RequestId, Slot};
 use crate::error::{Errno, NbdError};
-use crate::layer::{Extents, Flags, Lent};
+use crate::layer::{Extents, Flags, Lent, LentPieces};
 use crate::limits;
 use crate::proto::*;
 
@@ -362,7 +362,7 @@ impl Conn {
     /// A successful READ from lent pieces: queued as they are, never copied. Unallocated
     /// pieces become OFFSET_HOLE chunks under structured replies (unless the client asked for
     /// DF), and zero bytes from a shared zero page otherwise.
-    fn reply_read_lent(&mut self, slot: &Slot, pieces: Vec<Lent>) {
+    fn reply_read_lent(&mut self, slot: &Slot, pieces: LentPieces) {
         let (cookie, offset) = (slot.cookie, slot.offset);
         let total = slot.count as usize;
         let Some(form) = self.form() else {

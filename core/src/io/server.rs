@@ -36,7 +36,9 @@ use crate::budget::Budget;
 use crate::conn::{Conn, ConnConfig, Event, Op, Outcome, Request, RequestId};
 use crate::control::ServerControl;
 use crate::error::NbdError;
-use crate::layer::{Disconnect, Done, Layer, Lent, OpenCx, Peer, PeerCred, ReadData, Stack};
+use crate::layer::{
+    Disconnect, Done, Extents, Layer, Lent, OpenCx, Peer, PeerCred, ReadData, Sink, SinkToken, Stack,
+};
 use crate::sched::Sched;
 use crate::tls::{ServerTls, TlsSession};
 
@@ -177,7 +179,70 @@ enum Completion {
     Open { key: usize, gen: u64, probe: bool, result: Result<Rc<dyn Layer>, NbdError> },
 }
 
-type Completions = Rc<RefCell<Vec<Completion>>>;
+/// The loop's completion queue: layers' results wait here until the loop drains them between
+/// steps. It is the [`Sink`] every client request completes to, so starting a request costs a
+/// reference count, not an allocation.
+#[derive(Default)]
+struct CompletionQueue {
+    ready: RefCell<Vec<Completion>>,
+}
+
+impl CompletionQueue {
+    fn is_empty(&self) -> bool {
+        self.ready.borrow().is_empty()
+    }
+    fn push(&self, c: Completion) {
+        self.ready.borrow_mut().push(c);
+    }
+    /// Move what is ready into `batch` (which must be empty), leaving `batch`'s old capacity
+    /// here: the two vectors take turns, so draining never allocates.
+    fn take_into(&self, batch: &mut Vec<Completion>) {
+        debug_assert!(batch.is_empty());
+        std::mem::swap(batch, &mut *self.ready.borrow_mut());
+    }
+    fn push_request(&self, token: SinkToken, result: Result<Outcome, NbdError>) {
+        let [key, gen, id] = token.0;
+        // The token was made from these three by `request_token`, so nothing is truncated.
+        let (key, id) = (key as usize, RequestId(id as u32));
+        self.push(Completion::Request { key, gen, id, result });
+    }
+}
+
+/// The token a request completes with: its connection's slot and generation, and its index in
+/// the connection's in-flight table.
+fn request_token(key: usize, gen: u64, id: RequestId) -> SinkToken {
+    SinkToken([key as u64, gen, u64::from(id.0)])
+}
+
+impl Sink<ReadData> for CompletionQueue {
+    fn complete(&self, token: SinkToken, result: Result<ReadData, NbdError>) {
+        let outcome = result.map(|d| match d {
+            ReadData::Buf(v) => Outcome::Data(v),
+            ReadData::Lent(pieces) => Outcome::Lent(pieces),
+        });
+        self.push_request(token, outcome)
+    }
+}
+
+impl Sink<()> for CompletionQueue {
+    fn complete(&self, token: SinkToken, result: Result<(), NbdError>) {
+        self.push_request(token, result.map(|()| Outcome::Done))
+    }
+}
+
+impl Sink<Extents> for CompletionQueue {
+    fn complete(&self, token: SinkToken, result: Result<Extents, NbdError>) {
+        self.push_request(token, result.map(Outcome::Extents))
+    }
+}
+
+/// A completion for the request `token` names, delivered to the loop's queue.
+fn to_queue<T>(queue: &Rc<CompletionQueue>, token: SinkToken) -> Done<T>
+where
+    CompletionQueue: Sink<T>,
+{
+    Done::to_sink(queue.clone(), token)
+}
 
 struct Slot {
     conn: Conn,
@@ -235,7 +300,9 @@ struct Loop {
     conns: Slab<Slot>,
     next_gen: u64,
     run_queue: VecDeque<usize>,
-    completions: Completions,
+    completions: Rc<CompletionQueue>,
+    /// The vector the last batch of completions was drained into, kept for the next batch.
+    completion_batch: Vec<Completion>,
     /// Connections whose deadline timer fired: (key, generation).
     expired: Rc<RefCell<Vec<(usize, u64)>>>,
     /// Set by the accept-retry timer.
@@ -324,7 +391,8 @@ impl Loop {
             conns: Slab::new(),
             next_gen: 0,
             run_queue: VecDeque::new(),
-            completions: Rc::new(RefCell::new(Vec::new())),
+            completions: Rc::default(),
+            completion_batch: Vec::new(),
             expired: Rc::new(RefCell::new(Vec::new())),
             accept_retry: Rc::new(RefCell::new(false)),
             stalled: Vec::new(),
@@ -485,7 +553,7 @@ impl Loop {
             if single && self.conns.is_empty() {
                 return Ok(());
             }
-            let timeout = if !self.run_queue.is_empty() || !self.completions.borrow().is_empty() {
+            let timeout = if !self.run_queue.is_empty() || !self.completions.is_empty() {
                 Some(Duration::ZERO)
             } else {
                 self.core.next_deadline().map(|d| d.saturating_duration_since(now))
@@ -753,11 +821,13 @@ impl Loop {
 
     fn drain_completions(&mut self) {
         loop {
-            let batch: Vec<Completion> = std::mem::take(&mut *self.completions.borrow_mut());
+            let mut batch = std::mem::take(&mut self.completion_batch);
+            self.completions.take_into(&mut batch);
             if batch.is_empty() {
+                self.completion_batch = batch;
                 return;
             }
-            for c in batch {
+            for c in batch.drain(..) {
                 match c {
                     Completion::Request { key, gen, id, result } => {
                         if let Some(s) = self.conns.get_mut(key) {
@@ -810,6 +880,7 @@ impl Loop {
                     }
                 }
             }
+            self.completion_batch = batch;
         }
     }
 
@@ -1004,9 +1075,7 @@ impl Loop {
                     let c = self.completions.clone();
                     self.stack.open(
                         &cx,
-                        Done::new(move |result| {
-                            c.borrow_mut().push(Completion::Open { key, gen, probe, result })
-                        }),
+                        Done::new(move |result| c.push(Completion::Open { key, gen, probe, result })),
                     );
                 }
                 Event::Request(req) => match s.layer.clone() {
@@ -1307,39 +1376,16 @@ impl LoopCore {
 }
 
 /// Hand a decoded request to the layer stack; its completion lands on the loop's queue.
-fn start_request(layer: &Rc<dyn Layer>, req: Request, key: usize, gen: u64, completions: &Completions) {
+fn start_request(layer: &Rc<dyn Layer>, req: Request, key: usize, gen: u64, queue: &Rc<CompletionQueue>) {
     let Request { id, op, offset, flags } = req;
-    let c = completions.clone();
-    let finish = move |result: Result<Outcome, NbdError>| {
-        c.borrow_mut().push(Completion::Request { key, gen, id, result });
-    };
+    let token = request_token(key, gen, id);
     match op {
-        Op::Read { count } => layer.pread_lent(
-            count,
-            offset,
-            flags,
-            Done::new(move |r| {
-                finish(r.map(|d| match d {
-                    ReadData::Buf(v) => Outcome::Data(v),
-                    ReadData::Lent(pieces) => Outcome::Lent(pieces),
-                }))
-            }),
-        ),
-        Op::Write { data } => {
-            layer.pwrite(data, offset, flags, Done::new(move |r| finish(r.map(|_| Outcome::Done))))
-        }
-        Op::Flush => layer.flush(flags, Done::new(move |r| finish(r.map(|_| Outcome::Done)))),
-        Op::Trim { count } => {
-            layer.trim(count, offset, flags, Done::new(move |r| finish(r.map(|_| Outcome::Done))))
-        }
-        Op::Zero { count } => {
-            layer.zero(count, offset, flags, Done::new(move |r| finish(r.map(|_| Outcome::Done))))
-        }
-        Op::Cache { count } => {
-            layer.cache(count, offset, flags, Done::new(move |r| finish(r.map(|_| Outcome::Done))))
-        }
-        Op::BlockStatus { count } => {
-            layer.extents(count, offset, flags, Done::new(move |r| finish(r.map(Outcome::Extents))))
-        }
+        Op::Read { count } => layer.pread_lent(count, offset, flags, to_queue(queue, token)),
+        Op::Write { data } => layer.pwrite(data, offset, flags, to_queue(queue, token)),
+        Op::Flush => layer.flush(flags, to_queue(queue, token)),
+        Op::Trim { count } => layer.trim(count, offset, flags, to_queue(queue, token)),
+        Op::Zero { count } => layer.zero(count, offset, flags, to_queue(queue, token)),
+        Op::Cache { count } => layer.cache(count, offset, flags, to_queue(queue, token)),
+        Op::BlockStatus { count } => layer.extents(count, offset, flags, to_queue(queue, token)),
     }
 }

@@ -11,6 +11,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 /// A block of memory shared between a layer's storage and the replies lending it.
 ///
 /// An `Arc<Vec<u8>>` rather than an `Arc<[u8]>`: the reference counts then live in a small
@@ -53,14 +55,26 @@ impl Lent {
     }
 }
 
+/// A read's lent pieces. Two fit inline, which covers every read within one page or across
+/// one page boundary (a 4 KiB read from the `memory` backend's 32 KiB pages, say): lending
+/// them costs no allocation. Longer lists (large reads) spill to the heap.
+pub type LentPieces = SmallVec<[Lent; 2]>;
+
 /// What a lending read returns: a buffer the layer filled, or lent pieces.
 #[derive(Debug)]
 pub enum ReadData {
     Buf(Vec<u8>),
-    Lent(Vec<Lent>),
+    Lent(LentPieces),
 }
 
 impl ReadData {
+    /// Data lent as a single piece.
+    pub fn one(piece: Lent) -> ReadData {
+        let mut pieces = LentPieces::new();
+        pieces.push(piece);
+        ReadData::Lent(pieces)
+    }
+
     pub fn len(&self) -> usize {
         match self {
             ReadData::Buf(v) => v.len(),
@@ -103,11 +117,11 @@ mod tests {
     #[test]
     fn lent_pieces_flatten_in_order() {
         let page: SharedBytes = Arc::new(b"abcdefgh".to_vec());
-        let d = ReadData::Lent(vec![
+        let d = ReadData::Lent(LentPieces::from_vec(vec![
             Lent::Bytes { page: page.clone(), start: 6, end: 8 },
             Lent::Zero(3),
             Lent::Bytes { page, start: 0, end: 2 },
-        ]);
+        ]));
         assert_eq!(d.len(), 7);
         assert_eq!(d.into_vec().unwrap(), b"gh\0\0\0ab");
     }

@@ -27,15 +27,35 @@ use crate::control::ServerControl;
 use crate::error::{Errno, NbdError};
 use crate::sched::Sched;
 
-pub use lent::{Lent, ReadData, SharedBytes};
+pub use lent::{Lent, LentPieces, ReadData, SharedBytes};
 pub use registry::{BackendFactory, BackendSpec, FilterFactory, FilterSpec, ParamSpec};
 pub use stack::Stack;
 
 /// Completion callback for a layer operation. Called exactly once, on the loop that started
 /// the operation.
-pub struct Done<T>(Option<Callback<T>>);
+///
+/// Either a closure (what layers make when they wrap a completion) or a [`Sink`] and a
+/// [`SinkToken`]: the connection driver hands every client request to its loop's completion queue
+/// that way, which costs a reference count where a boxed closure would cost an allocation per
+/// request.
+pub struct Done<T>(Option<Target<T>>);
 
 type Callback<T> = Box<dyn FnOnce(Result<T, NbdError>)>;
+
+enum Target<T> {
+    Callback(Callback<T>),
+    Sink(Rc<dyn Sink<T>>, SinkToken),
+}
+
+/// Takes the results of many operations, told apart by the [`SinkToken`] each was started with.
+pub trait Sink<T> {
+    fn complete(&self, token: SinkToken, result: Result<T, NbdError>);
+}
+
+/// Names an operation to its [`Sink`]; opaque to layers (the driver packs its connection slot,
+/// the connection's generation and the request's index into it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SinkToken(pub [u64; 3]);
 
 thread_local! {
     /// Set while an event loop tears down: completions dropped then belong to requests whose
@@ -50,12 +70,18 @@ pub fn tearing_down() {
 
 impl<T> Done<T> {
     pub fn new(f: impl FnOnce(Result<T, NbdError>) + 'static) -> Self {
-        Done(Some(Box::new(f)))
+        Done(Some(Target::Callback(Box::new(f))))
+    }
+    /// A completion that hands the result to `sink` with `token`.
+    pub fn to_sink(sink: Rc<dyn Sink<T>>, token: SinkToken) -> Self {
+        Done(Some(Target::Sink(sink, token)))
     }
     /// Complete the operation.
     pub fn call(mut self, r: Result<T, NbdError>) {
-        if let Some(f) = self.0.take() {
-            f(r)
+        match self.0.take() {
+            Some(Target::Callback(f)) => f(r),
+            Some(Target::Sink(sink, token)) => sink.complete(token, r),
+            None => {}
         }
     }
     pub fn ok(self, v: T) {

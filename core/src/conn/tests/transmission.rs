@@ -742,7 +742,7 @@ fn lent_read_data_goes_out_in_every_reply_form() {
     h.auto_requests = false;
     h.req(CMD_READ, 0, 1, 4096, 16384);
     let r = h.held.remove(0);
-    h.conn.handle_result(r.id, Ok(Outcome::Lent(lent_pieces(&page))));
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(lent_pieces(&page).into())));
     assert_eq!(h.simple_reply(), (0, 1));
     assert_eq!(h.take(16384), want);
     h.assert_silent();
@@ -752,7 +752,7 @@ fn lent_read_data_goes_out_in_every_reply_form() {
     h.auto_requests = false;
     h.req(CMD_READ, 0, 2, 4096, 16384);
     let r = h.held.remove(0);
-    h.conn.handle_result(r.id, Ok(Outcome::Lent(lent_pieces(&page))));
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(lent_pieces(&page).into())));
     let chunks: Vec<_> = (0..3).map(|_| h.chunk()).collect();
     let kinds: Vec<_> = chunks.iter().map(|(c, p)| (c.typ, c.flags, p.len())).collect();
     assert_eq!(
@@ -773,7 +773,7 @@ fn lent_read_data_goes_out_in_every_reply_form() {
     // Structured with DF: a single data chunk, the hole as zero bytes.
     h.req(CMD_READ, CMD_FLAG_DF, 3, 4096, 16384);
     let r = h.held.remove(0);
-    h.conn.handle_result(r.id, Ok(Outcome::Lent(lent_pieces(&page))));
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(lent_pieces(&page).into())));
     let (c, p) = h.chunk();
     assert_eq!((c.typ, c.flags, p.len()), (REPLY_TYPE_OFFSET_DATA, REPLY_FLAG_DONE, 8 + 16384));
     assert_eq!(p[8..], want);
@@ -784,7 +784,7 @@ fn lent_read_data_goes_out_in_every_reply_form() {
     h.auto_requests = false;
     h.req(CMD_READ, 0, 4, 4096, 16384);
     let r = h.held.remove(0);
-    h.conn.handle_result(r.id, Ok(Outcome::Lent(lent_pieces(&page))));
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(lent_pieces(&page).into())));
     assert_eq!(h.read_reply(4, 4096, 16384).unwrap(), want);
 
     // All holes: one hole chunk with DONE.
@@ -792,7 +792,7 @@ fn lent_read_data_goes_out_in_every_reply_form() {
     h.auto_requests = false;
     h.req(CMD_READ, 0, 5, 0, 65536 + 512);
     let r = h.held.remove(0);
-    h.conn.handle_result(r.id, Ok(Outcome::Lent(vec![Lent::Zero(65536), Lent::Zero(512)])));
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(vec![Lent::Zero(65536), Lent::Zero(512)].into())));
     let (c, p) = h.chunk();
     assert_eq!((c.typ, c.flags, p.len()), (REPLY_TYPE_OFFSET_HOLE, REPLY_FLAG_DONE, 12));
     // And without structured replies, more zeroes than the shared zero page holds.
@@ -800,7 +800,7 @@ fn lent_read_data_goes_out_in_every_reply_form() {
     h.auto_requests = false;
     h.req(CMD_READ, 0, 6, 0, 65536 + 512);
     let r = h.held.remove(0);
-    h.conn.handle_result(r.id, Ok(Outcome::Lent(vec![Lent::Zero(65536), Lent::Zero(512)])));
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(vec![Lent::Zero(65536), Lent::Zero(512)].into())));
     assert_eq!(h.simple_reply(), (0, 6));
     assert!(h.take(65536 + 512).iter().all(|&b| b == 0));
     h.assert_silent();
@@ -812,7 +812,7 @@ fn lent_data_of_the_wrong_length_becomes_eio() {
     h.auto_requests = false;
     h.req(CMD_READ, 0, 1, 0, 512);
     let r = h.held.remove(0);
-    h.conn.handle_result(r.id, Ok(Outcome::Lent(vec![Lent::Zero(511)])));
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(vec![Lent::Zero(511)].into())));
     assert_eq!(h.read_reply(1, 0, 512).unwrap_err().0, EIO);
 }
 
@@ -838,7 +838,7 @@ fn lent_file_ranges_go_out_between_the_other_bytes() {
     h.auto_requests = false;
     h.req(CMD_READ, 0, 1, 0, want.len() as u64);
     let r = h.held.remove(0);
-    h.conn.handle_result(r.id, Ok(Outcome::Lent(pieces.clone())));
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(pieces.clone().into())));
     assert_eq!(h.simple_reply(), (0, 1));
     assert_eq!(h.take(want.len()), want);
     assert!(h.file_sends >= 2, "the file range went out by itself, in parts");
@@ -849,6 +849,6 @@ fn lent_file_ranges_go_out_between_the_other_bytes() {
     h.auto_requests = false;
     h.req(CMD_READ, 0, 2, 0, want.len() as u64);
     let r = h.held.remove(0);
-    h.conn.handle_result(r.id, Ok(Outcome::Lent(pieces)));
+    h.conn.handle_result(r.id, Ok(Outcome::Lent(pieces.into())));
     assert_eq!(h.read_reply(2, 0, want.len()).unwrap(), want);
 }

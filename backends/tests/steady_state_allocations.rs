@@ -1,0 +1,226 @@
+//! The request path allocates nothing in steady state (issue: "no per-connection allocation on
+//! the request path"): once a connection has warmed up, 4 KiB reads and writes against the
+//! `memory` backend reuse what earlier requests left behind (pooled payload buffers, recycled
+//! header bytes, queues that keep their capacity) instead of calling the allocator.
+//!
+//! The server runs in this process, so a counting global allocator sees every allocation its
+//! loop makes. The client side of the measured window is plain `read_exact`/`write_all` on
+//! fixed arrays, which allocate nothing, so what the counter sees is the server's. This file is
+//! its own test binary: the counting allocator and the one test in it do not disturb others.
+
+use std::alloc::System;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blocksmith_backends::memory::MemoryFactory;
+use blocksmith_core::conn::ConnConfig;
+use blocksmith_core::control::ServerControl;
+use blocksmith_core::io::server::{serve, Listener, ServerConfig};
+use blocksmith_core::layer::Stack;
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+const DISK: u64 = 64 << 20;
+const BLOCK: usize = 4096;
+const DEPTH: usize = 8;
+const WARM_UP: usize = 4_000;
+const MEASURED: usize = 40_000;
+
+const OPT_MAGIC: u64 = 0x4948_4156_454F_5054; // "IHAVEOPT"
+const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const REP_ACK: u32 = 1;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const REPLY_FLAG_DONE: u16 = 1;
+const REPLY_TYPE_NONE: u16 = 0;
+const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
+/// Newstyle handshake with structured replies, then NBD_OPT_GO for the default export.
+fn handshake(s: &mut UnixStream) {
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).expect("greeting");
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    assert_eq!(be64(&greeting[8..16]), OPT_MAGIC);
+    // FIXED_NEWSTYLE | NO_ZEROES.
+    s.write_all(&3u32.to_be_bytes()).expect("client flags");
+    for (option, data) in [(OPT_STRUCTURED_REPLY, &[][..]), (OPT_GO, &[0u8; 6][..])] {
+        let mut o = Vec::new();
+        o.extend_from_slice(&OPT_MAGIC.to_be_bytes());
+        o.extend_from_slice(&option.to_be_bytes());
+        o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        o.extend_from_slice(data);
+        s.write_all(&o).expect("option");
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).expect("option reply");
+            assert_eq!(be64(&h[..8]), OPT_REPLY_MAGIC);
+            assert_eq!(be32(&h[8..12]), option);
+            let kind = be32(&h[12..16]);
+            assert_eq!(kind & 0x8000_0000, 0, "option {option} refused with reply type {kind:#x}");
+            let mut body = vec![0u8; be32(&h[16..20]) as usize];
+            s.read_exact(&mut body).expect("option reply data");
+            if kind == REP_ACK {
+                break;
+            }
+        }
+    }
+}
+
+/// A connection driving 4 KiB requests `DEPTH` deep, on fixed buffers only.
+struct Client {
+    s: UnixStream,
+    request: [u8; 28 + BLOCK],
+    reply: [u8; 8 + BLOCK],
+    rng: u64,
+    sent: u64,
+}
+
+impl Client {
+    fn new(s: UnixStream) -> Client {
+        let mut request = [0u8; 28 + BLOCK];
+        for (i, b) in request[28..].iter_mut().enumerate() {
+            *b = (i % 251) as u8 + 1;
+        }
+        Client { s, request, reply: [0; 8 + BLOCK], rng: 0x9E37_79B9_7F4A_7C15, sent: 0 }
+    }
+
+    fn offset(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng % (DISK / BLOCK as u64)) * BLOCK as u64
+    }
+
+    /// Send one request: every third a write, the rest reads; `fill` writes the disk in order.
+    fn send(&mut self, fill: bool) {
+        let write = fill || self.sent % 3 == 0;
+        let offset = if fill { self.sent * BLOCK as u64 % DISK } else { self.offset() };
+        let kind = if write { CMD_WRITE } else { CMD_READ };
+        let r = &mut self.request;
+        r[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        r[4..6].copy_from_slice(&0u16.to_be_bytes());
+        r[6..8].copy_from_slice(&kind.to_be_bytes());
+        r[8..16].copy_from_slice(&(u64::from(kind) << 32 | self.sent).to_be_bytes());
+        r[16..24].copy_from_slice(&offset.to_be_bytes());
+        r[24..28].copy_from_slice(&(BLOCK as u32).to_be_bytes());
+        let len = if write { 28 + BLOCK } else { 28 };
+        self.s.write_all(&self.request[..len]).expect("send request");
+        self.sent += 1;
+    }
+
+    /// Read one whole reply and check it succeeded.
+    fn receive(&mut self) {
+        let mut magic = [0u8; 4];
+        self.s.read_exact(&mut magic).expect("reply magic");
+        match be32(&magic) {
+            SIMPLE_REPLY_MAGIC => {
+                let mut rest = [0u8; 12];
+                self.s.read_exact(&mut rest).expect("simple reply");
+                assert_eq!(be32(&rest[..4]), 0, "request failed");
+                // Reads negotiated structured replies, so a simple reply answers a write.
+                assert_eq!(be64(&rest[4..]) >> 32, u64::from(CMD_WRITE));
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                let mut rest = [0u8; 16];
+                self.s.read_exact(&mut rest).expect("structured reply header");
+                let (flags, kind, len) = (be16(&rest[..2]), be16(&rest[2..4]), be32(&rest[12..16]));
+                assert_eq!(flags & REPLY_FLAG_DONE, REPLY_FLAG_DONE, "one chunk per reply here");
+                match kind {
+                    REPLY_TYPE_NONE => assert_eq!(len, 0),
+                    REPLY_TYPE_OFFSET_DATA => assert_eq!(len as usize, 8 + BLOCK),
+                    other => panic!("unexpected reply chunk type {other}"),
+                }
+                self.s.read_exact(&mut self.reply[..len as usize]).expect("reply data");
+                if kind == REPLY_TYPE_OFFSET_DATA {
+                    // Every block was written with the same pattern before the window.
+                    assert_eq!(&self.reply[8..], &self.request[28..], "read data");
+                }
+            }
+            other => panic!("bad reply magic {other:#x}"),
+        }
+    }
+
+    /// Keep `DEPTH` requests in flight for `n` replies.
+    fn run(&mut self, n: usize, fill: bool) {
+        for _ in 0..DEPTH {
+            self.send(fill);
+        }
+        for i in 0..n {
+            self.receive();
+            if i + DEPTH < n {
+                self.send(fill);
+            }
+        }
+    }
+}
+
+#[test]
+fn requests_in_steady_state_allocate_nothing() {
+    let path = PathBuf::from(format!("/tmp/blocksmith-alloc-test-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).expect("bind");
+    let control = ServerControl::new();
+    let stack = Stack::new(("memory".into(), Arc::new(MemoryFactory::new(DISK))), vec![]);
+    let cfg = ServerConfig {
+        conn: ConnConfig::default(),
+        loops: 1,
+        io_threads: 1,
+        memory_limit: 256 << 20,
+        readonly: false,
+        tls: None,
+        reply_hold: blocksmith_core::limits::DEFAULT_REPLY_HOLD,
+    };
+    let c = control.clone();
+    let server = std::thread::spawn(move || serve(cfg, stack, vec![Listener::Unix(listener)], c));
+
+    let mut s = UnixStream::connect(&path).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    handshake(&mut s);
+    let mut client = Client::new(s);
+    // Fill the disk (so reads lend pages, not holes), then warm up the mixed workload.
+    client.run((DISK / BLOCK as u64) as usize, true);
+    client.run(WARM_UP, false);
+
+    let region = Region::new(GLOBAL);
+    client.run(MEASURED, false);
+    let change = region.change();
+
+    control.shutdown();
+    drop(client);
+    server.join().expect("server thread").expect("server");
+    let _ = std::fs::remove_file(&path);
+
+    // Timers and the odd queue growing may allocate now and then; one allocation per request
+    // (or even per hundred) is what this guards against.
+    let per_request = (change.allocations + change.reallocations) as f64 / MEASURED as f64;
+    eprintln!(
+        "{MEASURED} requests: {} allocations, {} reallocations ({per_request:.4} per request)",
+        change.allocations, change.reallocations
+    );
+    assert!(
+        per_request < 0.01,
+        "the request path allocates: {} allocations and {} reallocations over {MEASURED} requests",
+        change.allocations,
+        change.reallocations
+    );
+}
