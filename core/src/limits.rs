@@ -55,7 +55,8 @@ pub const MAX_EXTENTS_PER_REPLY: usize = 1 << 20;
 pub const BASE_OVERHEAD_BYTES: usize = 8 * 1024 * 1024;
 
 /// Each event loop: its thread's stack, poller, event array, timers. Measured about 70 KiB
-/// (5.8 MiB with 1 loop, 7.1 MiB with 16, 10.3 MiB with 64).
+/// (5.8 MiB with 1 loop, 7.1 MiB with 16, 10.3 MiB with 64), plus at most about 36 KiB of
+/// recycled reply header segments (`conn::output::MAX_SPARE_HEADERS`).
 pub const LOOP_OVERHEAD_BYTES: usize = 128 * 1024;
 
 /// The server's state for one connection (its slot, `Conn`, output queue, layer instances),

@@ -283,6 +283,33 @@ impl FileLayer {
         self.after_ring().offload(done, work)
     }
 
+    /// The page-cache part of a buffered read: how many leading bytes of `buf` a read that
+    /// cannot wait for a disk filled (all of them when the range is cached), or 0 where such
+    /// reads are not available.
+    fn try_read_cached(&self, buf: &mut [u8], offset: u64) -> usize {
+        if self.shared.nowait.load(Ordering::Relaxed) || self.shared.inline_reads.load(Ordering::Relaxed) {
+            self.read_cached(buf, offset)
+        } else {
+            0
+        }
+    }
+
+    /// The rest of a buffered read, from `filled` on, through the ring or the pool.
+    fn read_queued(&self, buf: Vec<u8>, offset: u64, filled: usize, done: Done<Vec<u8>>) {
+        if let Some(ring) = self.ring() {
+            let fd = self.shared.file.as_raw_fd();
+            return ring.read_rest_at(
+                fd,
+                uring::keep(self.shared.clone()),
+                buf,
+                offset,
+                filled,
+                Box::new(move |r, buf| done.call(r.map(|()| buf).map_err(|e| io_error("pread", &e)))),
+            );
+        }
+        self.offload(done, move |sh| sh.read_from(buf, offset, filled))
+    }
+
     /// The page-cache fast path: copy what is cached right here, without waiting. Returns how
     /// many leading bytes of `buf` it filled (all of them when the range was cached).
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> usize {
@@ -406,25 +433,11 @@ impl Layer for FileLayer {
                 r
             });
         }
-        let mut filled = 0;
-        if self.shared.nowait.load(Ordering::Relaxed) || self.shared.inline_reads.load(Ordering::Relaxed) {
-            filled = self.read_cached(&mut buf, offset);
-            if filled == buf.len() {
-                return done.ok(buf);
-            }
+        let filled = self.try_read_cached(&mut buf, offset);
+        if filled == buf.len() {
+            return done.ok(buf);
         }
-        if let Some(ring) = self.ring() {
-            let fd = self.shared.file.as_raw_fd();
-            return ring.read_rest_at(
-                fd,
-                uring::keep(self.shared.clone()),
-                buf,
-                offset,
-                filled,
-                Box::new(move |r, buf| done.call(r.map(|()| buf).map_err(|e| io_error("pread", &e)))),
-            );
-        }
-        self.offload(done, move |sh| sh.read_from(buf, offset, filled))
+        self.read_queued(buf, offset, filled, done)
     }
 
     /// A client's READ of a large, cached range is lent as the file range itself, so the reply
@@ -447,8 +460,18 @@ impl Layer for FileLayer {
                 }
             }
         }
-        let buf = blocksmith_core::bufpool::take(count);
-        self.pread(buf, offset, flags, done.map(|r| r.map(ReadData::Buf)))
+        let mut buf = blocksmith_core::bufpool::take(count);
+        let direct = self.shared.direct.as_ref().is_some_and(|d| d.covers(offset, count));
+        if direct {
+            return self.pread(buf, offset, flags, done.map(|r| r.map(ReadData::Buf)));
+        }
+        // What `pread` does, with the cached case answered here: that read (the common one)
+        // then completes without wrapping `done` in a closure, so it allocates nothing.
+        let filled = self.try_read_cached(&mut buf, offset);
+        if filled == count {
+            return done.ok(ReadData::Buf(buf));
+        }
+        self.read_queued(buf, offset, filled, done.map(|r| r.map(ReadData::Buf)))
     }
 
     fn pwrite(&self, data: Vec<u8>, offset: u64, flags: Flags, done: Done<()>) {

@@ -4,6 +4,8 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use smallvec::{smallvec, SmallVec};
+
 use super::options::BASE_ALLOCATION_ID;
 use super::{AfterSkip, Conn, Event, InState, Op, Outcome, Request, RequestId, Slot};
 use crate::error::{Errno, NbdError};
@@ -43,6 +45,10 @@ enum Plan {
         flags: Flags,
     },
 }
+
+/// The pieces of one READ reply. Two inline: a read with no holes (the common case) is one
+/// piece, so splitting it allocates nothing.
+pub(super) type Pieces = SmallVec<[Piece; 2]>;
 
 /// A piece of a structured READ reply, as a range of the read buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -325,7 +331,7 @@ impl Conn {
             self.out.mark_release(slot.reserved, &self.budget);
             return;
         }
-        let pieces = if slot.df { vec![Piece::Data(0..data.len())] } else { split_holes(&data, offset) };
+        let pieces = if slot.df { smallvec![Piece::Data(0..data.len())] } else { split_holes(&data, offset) };
         let last = pieces.len() - 1;
         if let [Piece::Data(_)] = pieces.as_slice() {
             // One data chunk: no need to share the buffer.
@@ -499,13 +505,13 @@ pub(super) fn descriptors(
 /// Split a READ buffer into data and hole pieces: every run of all-zero 4 KiB blocks aligned
 /// to 4 KiB in the export (`offset` is where `data` starts) becomes a hole. Holes stay below
 /// 2^31 bytes so their 32-bit length field always fits.
-pub(super) fn split_holes(data: &[u8], offset: u64) -> Vec<Piece> {
+pub(super) fn split_holes(data: &[u8], offset: u64) -> Pieces {
     const MAX_HOLE: usize = 1 << 31;
     let len = data.len();
     let rem = (offset % HOLE_BLOCK as u64) as usize;
     let mut pos = if rem == 0 { 0 } else { HOLE_BLOCK - rem };
     let mut data_start = 0;
-    let mut pieces = Vec::new();
+    let mut pieces = Pieces::new();
     while pos.saturating_add(HOLE_BLOCK) <= len {
         if !is_zero(&data[pos..pos + HOLE_BLOCK]) {
             pos += HOLE_BLOCK;

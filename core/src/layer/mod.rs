@@ -35,9 +35,9 @@ pub use stack::Stack;
 /// the operation.
 ///
 /// Either a closure (what layers make when they wrap a completion) or a [`Sink`] and a
-/// [`SinkToken`]: the connection driver hands every client request to its loop's completion queue
-/// that way, which costs a reference count where a boxed closure would cost an allocation per
-/// request.
+/// [`SinkToken`]: the connection driver hands every client request to its loop's completion
+/// queue that way, which costs a reference count where a boxed closure would cost an
+/// allocation per request.
 pub struct Done<T>(Option<Target<T>>);
 
 type Callback<T> = Box<dyn FnOnce(Result<T, NbdError>)>;
