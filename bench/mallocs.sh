@@ -32,7 +32,7 @@ rm -f "$work/disk"
 ( sleep 1.5; perf stat -x, -e probe_libc:malloc,probe_libc:realloc -o "$work/perf" -p $pid sleep 3 ) &
 counter=$!
 "$storm" --uri nbd://127.0.0.1:$port --connections 1000 --ramp 1000 --depth 2 --size 4k \
-    --mix read --seconds 5 > "$work/storm.json"
+    --mix read --seconds 5 > "$work/storm.json" 2> "$work/storm.err"
 wait $counter
 iops=$(tail -1 "$work/storm.json" | jq .iops)
 mallocs=$(awk -F, '$3 == "probe_libc:malloc" {print $1}' "$work/perf")
