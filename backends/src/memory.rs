@@ -254,7 +254,8 @@ impl MemoryDisk {
     /// The pieces of `count` bytes from `offset`, lent from the pages: present pages shared,
     /// absent ones as holes. The range must lie within the disk (the shim checks).
     pub fn read_lent(&self, count: usize, offset: u64) -> LentPieces {
-        let mut out = LentPieces::new();
+        // Inline for a read that spans at most two pages; one allocation for a larger one.
+        let mut out = LentPieces::with_capacity(count.div_ceil(PAGE_SIZE as usize) + 1);
         for (idx, at, n, _) in pieces(offset, count) {
             let page = rd(self.shard(idx)).get(&idx).cloned();
             match (page, out.last_mut()) {
