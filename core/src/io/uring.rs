@@ -21,6 +21,7 @@ use std::ops::Range;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 use slab::Slab;
@@ -155,7 +156,7 @@ enum Kind {
 struct Op {
     fd: RawFd,
     /// Keeps the file (and so `fd`) open while the kernel uses it.
-    _keep: Box<dyn Any>,
+    _keep: Keep,
     kind: Kind,
 }
 
@@ -174,6 +175,8 @@ pub struct Uring {
     ops: RefCell<Slab<Op>>,
     sched: Sched,
     submit_pending: Cell<bool>,
+    /// Completions taken from the ring in one pass of `reap`, kept for the next.
+    reaped: Cell<Vec<(u64, i32)>>,
     watch: Cell<Option<WatchId>>,
     /// The kernel's io_uring has IORING_OP_FALLOCATE (5.6 and later).
     can_fallocate: bool,
@@ -198,6 +201,7 @@ impl Uring {
             ops: RefCell::new(Slab::new()),
             sched: sched.clone(),
             submit_pending: Cell::new(false),
+            reaped: Cell::new(Vec::new()),
             watch: Cell::new(None),
             can_fallocate,
         });
@@ -214,14 +218,7 @@ impl Uring {
 
     /// Read exactly `buf.len()` bytes at `offset` (short reads are continued; end of file is
     /// `UnexpectedEof`).
-    pub fn read_exact_at(
-        self: &Rc<Self>,
-        fd: RawFd,
-        keep: Box<dyn Any>,
-        buf: Vec<u8>,
-        offset: u64,
-        done: ReadDone,
-    ) {
+    pub fn read_exact_at(self: &Rc<Self>, fd: RawFd, keep: Keep, buf: Vec<u8>, offset: u64, done: ReadDone) {
         self.read_rest_at(fd, keep, buf, offset, 0, done)
     }
 
@@ -230,7 +227,7 @@ impl Uring {
     pub fn read_rest_at(
         self: &Rc<Self>,
         fd: RawFd,
-        keep: Box<dyn Any>,
+        keep: Keep,
         buf: Vec<u8>,
         offset: u64,
         filled: usize,
@@ -246,7 +243,7 @@ impl Uring {
     pub fn read_range_at(
         self: &Rc<Self>,
         fd: RawFd,
-        keep: Box<dyn Any>,
+        keep: Keep,
         buf: Vec<u8>,
         range: Range<usize>,
         offset: u64,
@@ -263,7 +260,7 @@ impl Uring {
     pub fn read_direct_at(
         self: &Rc<Self>,
         fd: RawFd,
-        keep: Box<dyn Any>,
+        keep: Keep,
         buf: AlignedBuf,
         offset: u64,
         done: DirectReadDone,
@@ -276,7 +273,7 @@ impl Uring {
     fn read(
         self: &Rc<Self>,
         fd: RawFd,
-        keep: Box<dyn Any>,
+        keep: Keep,
         into: ReadInto,
         range: Range<usize>,
         pos: u64,
@@ -290,14 +287,7 @@ impl Uring {
     }
 
     /// Write all of `data` at `offset`.
-    pub fn write_all_at(
-        self: &Rc<Self>,
-        fd: RawFd,
-        keep: Box<dyn Any>,
-        data: Vec<u8>,
-        offset: u64,
-        done: UnitDone,
-    ) {
+    pub fn write_all_at(self: &Rc<Self>, fd: RawFd, keep: Keep, data: Vec<u8>, offset: u64, done: UnitDone) {
         let end = data.len();
         self.write(fd, keep, WriteFrom::Buffered(data), 0..end, offset, done)
     }
@@ -306,7 +296,7 @@ impl Uring {
     pub fn write_range_at(
         self: &Rc<Self>,
         fd: RawFd,
-        keep: Box<dyn Any>,
+        keep: Keep,
         data: Vec<u8>,
         range: Range<usize>,
         offset: u64,
@@ -323,7 +313,7 @@ impl Uring {
     pub fn write_direct_at(
         self: &Rc<Self>,
         fd: RawFd,
-        keep: Box<dyn Any>,
+        keep: Keep,
         data: AlignedBuf,
         offset: u64,
         done: UnitDone,
@@ -335,7 +325,7 @@ impl Uring {
     fn write(
         self: &Rc<Self>,
         fd: RawFd,
-        keep: Box<dyn Any>,
+        keep: Keep,
         from: WriteFrom,
         range: Range<usize>,
         offset: u64,
@@ -349,7 +339,7 @@ impl Uring {
     }
 
     /// fdatasync.
-    pub fn datasync(self: &Rc<Self>, fd: RawFd, keep: Box<dyn Any>, done: UnitDone) {
+    pub fn datasync(self: &Rc<Self>, fd: RawFd, keep: Keep, done: UnitDone) {
         self.start(Op { fd, _keep: keep, kind: Kind::Fsync { done } });
     }
 
@@ -363,7 +353,7 @@ impl Uring {
     pub fn fallocate(
         self: &Rc<Self>,
         fd: RawFd,
-        keep: Box<dyn Any>,
+        keep: Keep,
         mode: i32,
         offset: u64,
         len: u64,
@@ -459,18 +449,18 @@ impl Uring {
 
     /// Run the callbacks of every completion posted so far.
     fn reap(self: &Rc<Self>) {
+        // The batch vector is kept between wake-ups, so reaping allocates nothing.
+        let mut batch = self.reaped.take();
         loop {
-            let batch: Vec<(u64, i32)> = {
-                let mut ring = self.ring.borrow_mut();
-                ring.completion().map(|c| (c.user_data(), c.result())).collect()
-            };
+            batch.extend(self.ring.borrow_mut().completion().map(|c| (c.user_data(), c.result())));
             if batch.is_empty() {
-                return;
+                break;
             }
-            for (user, res) in batch {
+            for (user, res) in batch.drain(..) {
                 self.complete(user as usize, res);
             }
         }
+        self.reaped.set(batch);
     }
 
     fn complete(self: &Rc<Self>, key: usize, res: i32) {
@@ -548,9 +538,14 @@ impl Drop for Uring {
     }
 }
 
-/// The kind of entry a backend needs to keep its file alive in [`Uring`] calls.
-pub fn keep<T: Any>(v: T) -> Box<dyn Any> {
-    Box::new(v)
+/// What keeps an operation's file open while the kernel uses it: a reference to whatever owns
+/// the descriptor. The caller's own `Arc`, so that starting an operation costs a reference
+/// count rather than an allocation.
+pub type Keep = Arc<dyn Any + Send + Sync>;
+
+/// The [`Keep`] for a file (or whatever holds it) that is already shared.
+pub fn keep<T: Any + Send + Sync>(v: Arc<T>) -> Keep {
+    v
 }
 
 /// Read into `buf` at `offset` only what the page cache already holds, without waiting for the
