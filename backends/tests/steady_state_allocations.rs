@@ -24,6 +24,11 @@ use blocksmith_core::conn::ConnConfig;
 use blocksmith_core::control::ServerControl;
 use blocksmith_core::io::server::{serve, Listener, ServerConfig};
 use blocksmith_core::layer::Stack;
+use blocksmith_core::proto::{
+    CMD_READ, CMD_WRITE, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC,
+    OPT_GO, OPT_STRUCTURED_REPLY, REPLY_FLAG_DONE, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REP_ACK,
+    REP_FLAG_ERROR, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
 #[global_allocator]
@@ -34,20 +39,6 @@ const BLOCK: usize = 4096;
 const DEPTH: usize = 8;
 const WARM_UP: usize = 4_000;
 const MEASURED: usize = 40_000;
-
-const OPT_MAGIC: u64 = 0x4948_4156_454F_5054; // "IHAVEOPT"
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const REP_ACK: u32 = 1;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const REPLY_FLAG_DONE: u16 = 1;
-const REPLY_TYPE_NONE: u16 = 0;
-const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 
 fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
@@ -63,13 +54,12 @@ fn be64(b: &[u8]) -> u64 {
 fn handshake(s: &mut UnixStream) {
     let mut greeting = [0u8; 18];
     s.read_exact(&mut greeting).expect("greeting");
-    assert_eq!(&greeting[..8], b"NBDMAGIC");
-    assert_eq!(be64(&greeting[8..16]), OPT_MAGIC);
-    // FIXED_NEWSTYLE | NO_ZEROES.
-    s.write_all(&3u32.to_be_bytes()).expect("client flags");
+    assert_eq!(be64(&greeting[..8]), NBDMAGIC);
+    assert_eq!(be64(&greeting[8..16]), IHAVEOPT);
+    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).expect("client flags");
     for (option, data) in [(OPT_STRUCTURED_REPLY, &[][..]), (OPT_GO, &[0u8; 6][..])] {
         let mut o = Vec::new();
-        o.extend_from_slice(&OPT_MAGIC.to_be_bytes());
+        o.extend_from_slice(&IHAVEOPT.to_be_bytes());
         o.extend_from_slice(&option.to_be_bytes());
         o.extend_from_slice(&(data.len() as u32).to_be_bytes());
         o.extend_from_slice(data);
@@ -77,10 +67,10 @@ fn handshake(s: &mut UnixStream) {
         loop {
             let mut h = [0u8; 20];
             s.read_exact(&mut h).expect("option reply");
-            assert_eq!(be64(&h[..8]), OPT_REPLY_MAGIC);
+            assert_eq!(be64(&h[..8]), OPTION_REPLY_MAGIC);
             assert_eq!(be32(&h[8..12]), option);
             let kind = be32(&h[12..16]);
-            assert_eq!(kind & 0x8000_0000, 0, "option {option} refused with reply type {kind:#x}");
+            assert_eq!(kind & REP_FLAG_ERROR, 0, "option {option} refused with reply type {kind:#x}");
             let mut body = vec![0u8; be32(&h[16..20]) as usize];
             s.read_exact(&mut body).expect("option reply data");
             if kind == REP_ACK {
