@@ -24,10 +24,13 @@ use blocksmith_core::conn::ConnConfig;
 use blocksmith_core::control::ServerControl;
 use blocksmith_core::io::server::{serve, Listener, ServerConfig};
 use blocksmith_core::layer::Stack;
+use blocksmith_core::proto::client::{decode_greeting_start, decode_reply_magic, GreetingKind, ReplyMagic};
 use blocksmith_core::proto::{
-    CMD_READ, CMD_WRITE, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC,
-    OPT_GO, OPT_STRUCTURED_REPLY, REPLY_FLAG_DONE, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REP_ACK,
-    REP_FLAG_ERROR, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+    decode_option_reply_header, decode_simple_reply, decode_structured_header, encode_compact_request,
+    encode_info_request, encode_option_request, RequestHeader, CMD_READ, CMD_WRITE, COMPACT_REQUEST_LEN,
+    FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, OPTION_REPLY_HEADER_LEN, OPT_GO, OPT_STRUCTURED_REPLY,
+    REPLY_FLAG_DONE, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REP_ACK, REP_FLAG_ERROR,
+    STRUCTURED_REPLY_HEADER_LEN,
 };
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
@@ -40,38 +43,25 @@ const DEPTH: usize = 8;
 const WARM_UP: usize = 4_000;
 const MEASURED: usize = 40_000;
 
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-}
-
 /// Newstyle handshake with structured replies, then NBD_OPT_GO for the default export.
 fn handshake(s: &mut UnixStream) {
     let mut greeting = [0u8; 18];
     s.read_exact(&mut greeting).expect("greeting");
-    assert_eq!(be64(&greeting[..8]), NBDMAGIC);
-    assert_eq!(be64(&greeting[8..16]), IHAVEOPT);
+    let start: &[u8; 16] = greeting[..16].try_into().expect("16 bytes");
+    assert_eq!(decode_greeting_start(start), Ok(GreetingKind::Newstyle));
     s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).expect("client flags");
-    for (option, data) in [(OPT_STRUCTURED_REPLY, &[][..]), (OPT_GO, &[0u8; 6][..])] {
+    for (option, data) in [(OPT_STRUCTURED_REPLY, Vec::new()), (OPT_GO, encode_info_request("", &[]))] {
         let mut o = Vec::new();
-        o.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        o.extend_from_slice(&option.to_be_bytes());
-        o.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        o.extend_from_slice(data);
+        encode_option_request(&mut o, option, &data);
         s.write_all(&o).expect("option");
         loop {
-            let mut h = [0u8; 20];
+            let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
             s.read_exact(&mut h).expect("option reply");
-            assert_eq!(be64(&h[..8]), OPTION_REPLY_MAGIC);
-            assert_eq!(be32(&h[8..12]), option);
-            let kind = be32(&h[12..16]);
+            let reply = decode_option_reply_header(&h).expect("option reply magic");
+            assert_eq!(reply.opt, option);
+            let kind = reply.reply_type;
             assert_eq!(kind & REP_FLAG_ERROR, 0, "option {option} refused with reply type {kind:#x}");
-            let mut body = vec![0u8; be32(&h[16..20]) as usize];
+            let mut body = vec![0u8; reply.len as usize];
             s.read_exact(&mut body).expect("option reply data");
             if kind == REP_ACK {
                 break;
@@ -80,12 +70,15 @@ fn handshake(s: &mut UnixStream) {
     }
 }
 
-/// A connection driving 4 KiB requests `DEPTH` deep, on fixed buffers only.
+/// A connection driving 4 KiB requests `DEPTH` deep, on buffers allocated once.
 struct Client {
     s: UnixStream,
     /// Every third request a write (else reads only).
     writes: bool,
-    request: [u8; 28 + BLOCK],
+    /// What every write carries (and so what every read must find).
+    pattern: [u8; BLOCK],
+    /// The request being sent: header, and payload for a write. Cleared, never shrunk.
+    request: Vec<u8>,
     reply: [u8; 8 + BLOCK],
     rng: u64,
     sent: u64,
@@ -93,11 +86,12 @@ struct Client {
 
 impl Client {
     fn new(s: UnixStream, writes: bool) -> Client {
-        let mut request = [0u8; 28 + BLOCK];
-        for (i, b) in request[28..].iter_mut().enumerate() {
+        let mut pattern = [0u8; BLOCK];
+        for (i, b) in pattern.iter_mut().enumerate() {
             *b = (i % 251) as u8 + 1;
         }
-        Client { s, writes, request, reply: [0; 8 + BLOCK], rng: 0x9E37_79B9_7F4A_7C15, sent: 0 }
+        let request = Vec::with_capacity(COMPACT_REQUEST_LEN + BLOCK);
+        Client { s, writes, pattern, request, reply: [0; 8 + BLOCK], rng: 0x9E37_79B9_7F4A_7C15, sent: 0 }
     }
 
     fn offset(&mut self) -> u64 {
@@ -111,48 +105,51 @@ impl Client {
     fn send(&mut self, fill: bool) {
         let write = fill || (self.writes && self.sent % 3 == 0);
         let offset = if fill { self.sent * BLOCK as u64 % DISK } else { self.offset() };
-        let kind = if write { CMD_WRITE } else { CMD_READ };
-        let r = &mut self.request;
-        r[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        r[4..6].copy_from_slice(&0u16.to_be_bytes());
-        r[6..8].copy_from_slice(&kind.to_be_bytes());
-        r[8..16].copy_from_slice(&(u64::from(kind) << 32 | self.sent).to_be_bytes());
-        r[16..24].copy_from_slice(&offset.to_be_bytes());
-        r[24..28].copy_from_slice(&(BLOCK as u32).to_be_bytes());
-        let len = if write { 28 + BLOCK } else { 28 };
-        self.s.write_all(&self.request[..len]).expect("send request");
+        let typ = if write { CMD_WRITE } else { CMD_READ };
+        // The command in the cookie's high half, so a reply says what it answers.
+        let cookie = u64::from(typ) << 32 | self.sent;
+        self.request.clear();
+        let header = RequestHeader { flags: 0, typ, cookie, offset, length: BLOCK as u64 };
+        encode_compact_request(&mut self.request, &header);
+        if write {
+            self.request.extend_from_slice(&self.pattern);
+        }
+        self.s.write_all(&self.request).expect("send request");
         self.sent += 1;
     }
 
     /// Read one whole reply and check it succeeded.
     fn receive(&mut self) {
-        let mut magic = [0u8; 4];
-        self.s.read_exact(&mut magic).expect("reply magic");
-        match be32(&magic) {
-            SIMPLE_REPLY_MAGIC => {
-                let mut rest = [0u8; 12];
-                self.s.read_exact(&mut rest).expect("simple reply");
-                assert_eq!(be32(&rest[..4]), 0, "request failed");
+        let mut header = [0u8; STRUCTURED_REPLY_HEADER_LEN];
+        self.s.read_exact(&mut header[..4]).expect("reply magic");
+        let magic = decode_reply_magic(header[..4].try_into().expect("4 bytes")).expect("reply magic");
+        let header_len = magic.header_len();
+        self.s.read_exact(&mut header[4..header_len]).expect("reply header");
+        let header = &header[..header_len];
+        match magic {
+            ReplyMagic::Simple => {
+                let reply = decode_simple_reply(header.try_into().expect("simple reply")).expect("magic");
+                assert_eq!(reply.error, 0, "request failed");
                 // Reads negotiated structured replies, so a simple reply answers a write.
-                assert_eq!(be64(&rest[4..]) >> 32, u64::from(CMD_WRITE));
+                assert_eq!(reply.cookie >> 32, u64::from(CMD_WRITE));
             }
-            STRUCTURED_REPLY_MAGIC => {
-                let mut rest = [0u8; 16];
-                self.s.read_exact(&mut rest).expect("structured reply header");
-                let (flags, kind, len) = (be16(&rest[..2]), be16(&rest[2..4]), be32(&rest[12..16]));
-                assert_eq!(flags & REPLY_FLAG_DONE, REPLY_FLAG_DONE, "one chunk per reply here");
-                match kind {
+            ReplyMagic::Structured => {
+                let chunk =
+                    decode_structured_header(header.try_into().expect("chunk header")).expect("magic");
+                assert_eq!(chunk.flags & REPLY_FLAG_DONE, REPLY_FLAG_DONE, "one chunk per reply here");
+                let len = chunk.len as usize;
+                match chunk.typ {
                     REPLY_TYPE_NONE => assert_eq!(len, 0),
-                    REPLY_TYPE_OFFSET_DATA => assert_eq!(len as usize, 8 + BLOCK),
+                    REPLY_TYPE_OFFSET_DATA => assert_eq!(len, 8 + BLOCK),
                     other => panic!("unexpected reply chunk type {other}"),
                 }
-                self.s.read_exact(&mut self.reply[..len as usize]).expect("reply data");
-                if kind == REPLY_TYPE_OFFSET_DATA {
+                self.s.read_exact(&mut self.reply[..len]).expect("reply data");
+                if chunk.typ == REPLY_TYPE_OFFSET_DATA {
                     // Every block was written with the same pattern before the window.
-                    assert_eq!(&self.reply[8..], &self.request[28..], "read data");
+                    assert_eq!(&self.reply[8..], &self.pattern[..], "read data");
                 }
             }
-            other => panic!("bad reply magic {other:#x}"),
+            ReplyMagic::Extended => panic!("an extended reply without extended headers"),
         }
     }
 
