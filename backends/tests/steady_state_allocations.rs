@@ -6,9 +6,10 @@
 //! the kernel through the ring or the pool, with a completion allocated per request.)
 //!
 //! The server runs in this process, so a counting global allocator sees every allocation its
-//! loop makes. The client side of the measured window is plain `read_exact`/`write_all` on
-//! fixed arrays, which allocate nothing, so what the counter sees is the server's. This file is
-//! its own test binary: the counting allocator and the one test in it do not disturb others.
+//! loop makes. The client side of the measured window encodes into a vector it only ever clears
+//! and reads into fixed arrays, with plain `read_exact`/`write_all`, which allocate nothing, so
+//! what the counter sees is the server's. This file is its own test binary: the counting
+//! allocator and the one test in it do not disturb others.
 
 use std::alloc::System;
 use std::io::{Read, Write};

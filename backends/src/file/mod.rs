@@ -256,9 +256,14 @@ impl FileLayer {
     /// request takes the buffered path rather than waiting). The reservation lives as long as
     /// the bounce buffer.
     fn direct_for(&self, offset: u64, len: usize) -> Option<(&direct::Direct, Reservation)> {
-        let d = self.shared.direct.as_ref().filter(|d| d.covers(offset, len))?;
+        let d = self.direct_covering(offset, len)?;
         let r = self.budget.reserve(len)?;
         Some((d, r))
+    }
+
+    /// The direct descriptor, when cache=none has one and the range is aligned for it.
+    fn direct_covering(&self, offset: u64, len: usize) -> Option<&direct::Direct> {
+        self.shared.direct.as_ref().filter(|d| d.covers(offset, len))
     }
 
     /// This loop's ring when a regular file's fallocate can go through it.
@@ -461,8 +466,7 @@ impl Layer for FileLayer {
             }
         }
         let mut buf = blocksmith_core::bufpool::take(count);
-        let direct = self.shared.direct.as_ref().is_some_and(|d| d.covers(offset, count));
-        if direct {
+        if self.direct_covering(offset, count).is_some() {
             return self.pread(buf, offset, flags, done.map(|r| r.map(ReadData::Buf)));
         }
         // What `pread` does, with the cached case answered here: that read (the common one)
